@@ -1,0 +1,1 @@
+"""Cost models used by the planner: cluster spec, compute roofline, collectives, memory."""

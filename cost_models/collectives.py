@@ -1,0 +1,139 @@
+"""Alpha-beta costs of collectives along one axis of a logical device mesh.
+
+Formulas (p ranks on the axis, n bytes, alpha latency, B per-rank bandwidth; peers.md §6.2):
+
+- ring all-reduce:      2(p-1)·alpha + 2(p-1)/p · n/B
+- ring all-gather:       (p-1)·alpha +  (p-1)/p · n/B   (n = gathered, i.e. output, bytes)
+- ring reduce-scatter:   (p-1)·alpha +  (p-1)/p · n/B   (n = input bytes)
+- all-to-all:            (p-1)·alpha +  (p-1)/p · n/B   (n = bytes each rank holds)
+- send/recv:                   alpha +            n/B
+- broadcast:        ceil(log2 p)·alpha +          n/B
+
+An axis whose ranks sit on several hosts is *hierarchical*: g ranks per host on k hosts. Its
+collectives run the intra-host part on the host link and the inter-host part on the network,
+where all ranks of a host that talk across hosts at once share the host's bandwidth
+(``concurrent`` of them). E.g. all-reduce = intra reduce-scatter + inter all-reduce of n/g +
+intra all-gather.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+
+
+@dataclass(frozen=True)
+class AxisLink:
+    """Where the ranks of one mesh axis sit, and the links they use."""
+
+    size: int  # p: ranks per group along the axis
+    per_host: int  # g: ranks of one group inside one host
+    hosts: int  # k: hosts one group spans
+    intra_alpha: float
+    intra_bw: float  # bytes/s per rank
+    inter_alpha: float
+    inter_bw: float  # bytes/s per rank when all concurrent cross-host ranks of a host talk
+
+    @property
+    def crosses_hosts(self) -> bool:
+        return self.hosts > 1
+
+
+def axis_link(cluster: Cluster, device_ids: np.ndarray, axis: int) -> AxisLink:
+    """The link of ``axis`` of a logical mesh given as an array of global device ids."""
+    ids = np.asarray(device_ids)
+    groups = np.moveaxis(ids, axis, -1).reshape(-1, ids.shape[axis])
+    group = groups[0]
+    host_ids = [cluster.host_of(int(d)) for d in group]
+    hosts = len(set(host_ids))
+    per_host = len(group) // hosts
+    # Ranks of one host that cross hosts at the same time: every device of the mesh on that host.
+    on_host = sum(1 for d in ids.ravel() if cluster.host_of(int(d)) == host_ids[0])
+    concurrent = max(1, on_host // per_host) if hosts > 1 else 1
+    return AxisLink(
+        size=len(group),
+        per_host=per_host,
+        hosts=hosts,
+        intra_alpha=cluster.intra_host.latency,
+        intra_bw=cluster.intra_host.bandwidth,
+        inter_alpha=cluster.inter_host.latency,
+        inter_bw=cluster.inter_host.bandwidth / concurrent,
+    )
+
+
+def flat_link(size: int, alpha: float, bandwidth: float) -> AxisLink:
+    """A single-host axis: the textbook ring (used by tests and closed-form oracles)."""
+    return AxisLink(size, size, 1, alpha, bandwidth, alpha, bandwidth)
+
+
+def _ring(p: int, n: float, alpha: float, bw: float, factor: float) -> float:
+    if p <= 1 or n <= 0:
+        return 0.0
+    return factor * ((p - 1) * alpha + (p - 1) / p * n / bw)
+
+
+def all_reduce(n: float, link: AxisLink) -> float:
+    if link.size <= 1 or n <= 0:
+        return 0.0
+    if not link.crosses_hosts:
+        return _ring(link.size, n, link.intra_alpha, link.intra_bw, 2.0)
+    g, k = link.per_host, link.hosts
+    return _ring(g, n, link.intra_alpha, link.intra_bw, 2.0) + _ring(
+        k, n / g, link.inter_alpha, link.inter_bw, 2.0
+    )
+
+
+def all_gather(n: float, link: AxisLink) -> float:
+    """n = bytes of the gathered (full) tensor."""
+    if link.size <= 1 or n <= 0:
+        return 0.0
+    if not link.crosses_hosts:
+        return _ring(link.size, n, link.intra_alpha, link.intra_bw, 1.0)
+    g, k = link.per_host, link.hosts
+    return _ring(k, n / g, link.inter_alpha, link.inter_bw, 1.0) + _ring(
+        g, n, link.intra_alpha, link.intra_bw, 1.0
+    )
+
+
+def reduce_scatter(n: float, link: AxisLink) -> float:
+    """n = bytes of the full input; each rank keeps n/p reduced."""
+    return all_gather(n, link)
+
+
+def all_to_all(n: float, link: AxisLink) -> float:
+    """n = bytes each rank holds before the exchange; (p-1)/p of it leaves the rank."""
+    if link.size <= 1 or n <= 0:
+        return 0.0
+    alpha = link.inter_alpha if link.crosses_hosts else link.intra_alpha
+    # Off-host traffic share is (k-1)/k of what leaves; it is bound by the shared NIC.
+    if link.crosses_hosts:
+        off = (link.hosts - 1) / link.hosts
+        t = n * (1 - off) * (link.size - 1) / link.size / link.intra_bw
+        t = max(t, n * off / link.inter_bw)
+        return (link.size - 1) * alpha + t
+    return _ring(link.size, n, alpha, link.intra_bw, 1.0)
+
+
+def send_recv(n: float, alpha: float, bandwidth: float) -> float:
+    return alpha + n / bandwidth if n > 0 else 0.0
+
+
+def broadcast(n: float, link: AxisLink) -> float:
+    if link.size <= 1 or n <= 0:
+        return 0.0
+    alpha = link.inter_alpha if link.crosses_hosts else link.intra_alpha
+    bw = min(link.intra_bw, link.inter_bw) if link.crosses_hosts else link.intra_bw
+    return math.ceil(math.log2(link.size)) * alpha + n / bw
+
+
+COLLECTIVES = {
+    "all_reduce": all_reduce,
+    "all_gather": all_gather,
+    "reduce_scatter": reduce_scatter,
+    "all_to_all": all_to_all,
+    "broadcast": broadcast,
+}

@@ -1,0 +1,115 @@
+"""The planner's graph IR: onnx_ir's Model/Graph/Node/Value plus the facts the passes read.
+
+We build on onnx_ir rather than a home-grown graph: weights stay lazy (ExternalTensor), the
+same objects carry forward, backward and optimizer nodes, and serialization back to ONNX is
+free. What this module adds is the planner's vocabulary on top of it:
+
+- every Value carries a *role* (``param``, ``input``, ``const``, ``activation``, ``grad``,
+  ``opt_state``), stored in ``metadata_props`` so it survives a round trip through ONNX;
+- every Value has a static shape once imported (``shape_of`` refuses anything else);
+- nodes have FLOPs and bytes moved (``planner.flops``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Iterator
+
+import onnx_ir as ir
+
+ROLE_KEY = "alpa.role"
+
+
+class Role(str, enum.Enum):
+    """What a tensor is to the training step; decides memory accounting and sharding aliases."""
+
+    PARAM = "param"
+    INPUT = "input"
+    CONST = "const"
+    ACTIVATION = "activation"
+    GRAD = "grad"
+    OPT_STATE = "opt_state"
+
+
+def role_of(value: ir.Value) -> Role:
+    """The value's role; values without a recorded role are activations."""
+    return Role(value.metadata_props.get(ROLE_KEY, Role.ACTIVATION.value))
+
+
+def set_role(value: ir.Value, role: Role) -> None:
+    value.metadata_props[ROLE_KEY] = role.value
+
+
+def shape_of(value: ir.Value) -> tuple[int, ...]:
+    """The static shape of a value; the importer guarantees every value has one."""
+    shape = value.shape
+    if shape is None:
+        raise ValueError(f"tensor {value.name!r} has no shape")
+    dims = []
+    for d in shape:
+        if not isinstance(d, int):
+            raise ValueError(f"tensor {value.name!r} has a symbolic dim {d}")
+        dims.append(d)
+    return tuple(dims)
+
+
+def numel(value: ir.Value) -> int:
+    return math.prod(shape_of(value))
+
+
+def itemsize(dtype: ir.DataType | None) -> int:
+    """Bytes per element; sub-byte types round up to one byte."""
+    if dtype is None:
+        return 4
+    return max(1, math.ceil(dtype.itemsize))
+
+
+def nbytes(value: ir.Value) -> int:
+    return numel(value) * itemsize(value.dtype)
+
+
+def tensor_inputs(node: ir.Node) -> list[ir.Value]:
+    """The node's present inputs (ONNX marks omitted optional inputs with None)."""
+    return [v for v in node.inputs if v is not None]
+
+
+def parameters(graph: ir.Graph) -> list[ir.Value]:
+    """Trainable parameters in a stable order (graph inputs first, then initializers)."""
+    seen: dict[str, ir.Value] = {}
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        if role_of(v) is Role.PARAM and v.name not in seen:
+            seen[v.name] = v
+    return list(seen.values())
+
+
+def values_of(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the graph once: inputs, initializers, then node outputs in order."""
+    seen: set[int] = set()
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            yield v
+    for node in graph:
+        for v in node.outputs:
+            if id(v) not in seen:
+                seen.add(id(v))
+                yield v
+
+
+def op_counts(nodes: Iterable[ir.Node]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def const_array(value: ir.Value):
+    """The value's constant numpy data, or None when it is not a (loaded) constant."""
+    tensor = value.const_value
+    if tensor is None:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:  # external data that was never written (graph-only models)
+        return None

@@ -1,0 +1,1 @@
+"""alpa-plan's executor: reads a plan (and the model) and runs it on CPU ranks or GPUs."""
