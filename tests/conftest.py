@@ -1,4 +1,4 @@
-"""Shared test helpers: fixture paths and the manifest written by tests/fixtures/export_models.py."""
+"""Shared test helpers: fixture paths and the manifest of tests/fixtures/export_models.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ DEFAULT_DIMS = {"batch": 2, "seq": 16, "dec_seq": 8}
 
 
 def manifest() -> list[dict]:
-    return [f for f in json.loads((FIXTURES / "manifest.json").read_text())["files"]
-            if f.get("status", "ok") == "ok"]
+    return [
+        f
+        for f in json.loads((FIXTURES / "manifest.json").read_text())["files"]
+        if f.get("status", "ok") == "ok"
+    ]
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_input_shape_binding_and_structure_hash_is_stable():
 def test_gpt_forward_flops_match_megatron_formula():
     """L·(24·B·s·h² + 4·B·s²·h) + 2·B·s·h·V (LM head) within 1% on the GPT-3 2.6B graph."""
     path = FIXTURES / "gpt3-2.6b.graph.onnx"
-    model = import_model(path, ImportOptions(dims=DEFAULT_DIMS | {"batch": 1, "seq": 1024}))
+    model = import_model(path)
     b, s, h, layers, vocab = 1, 1024, 2560, 32, 51200
     expected = layers * (24 * b * s * h * h + 4 * b * s * s * h) + 2 * b * s * h * vocab
     total = sum(node_flops(n) for n in model.graph)
@@ -76,7 +76,10 @@ def test_gpt_forward_flops_match_megatron_formula():
 
 def test_graph_only_39b_imports_without_weights():
     start = time.perf_counter()
-    model = import_model(FIXTURES / "gpt3-39b.graph.onnx", ImportOptions(dims=DEFAULT_DIMS | {"batch": 1, "seq": 1024}))
+    model = import_model(
+        FIXTURES / "gpt3-39b.graph.onnx",
+        ImportOptions(dims=DEFAULT_DIMS | {"batch": 1, "seq": 1024}),
+    )
     elapsed = time.perf_counter() - start
     summary = model_summary(model)
     assert 38e9 < summary["num_parameters"] < 41e9
@@ -108,8 +111,12 @@ def test_control_flow_refused(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
-    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [],
-                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["z"])],
+        "b",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+    )
     node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if0")
     path = _model([node], [x, cond], [y], tmp_path / "if.onnx")
     with pytest.raises(UnsupportedModelError, match="control flow op 'If'"):
@@ -131,7 +138,9 @@ def test_bad_files_exit_2_with_one_line(tmp_path, content, pattern):
         path.write_bytes(content)
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "inspect-model", str(path)],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert proc.returncode == 2
     assert pattern in proc.stderr
