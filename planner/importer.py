@@ -90,7 +90,7 @@ def load_model(path: str | Path) -> ir.Model:
     if not path.is_file():
         raise UserError(f"model file {str(path)!r} not found: pass the path of an .onnx file")
     try:
-        model = ir.load(path)
+        model = ir.from_proto(_read_proto(path))
     except Exception as exc:  # protobuf decode errors come in several types
         raise UserError(
             f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__}): "
@@ -101,18 +101,83 @@ def load_model(path: str | Path) -> ir.Model:
     return model
 
 
+def _read_proto(path: Path) -> onnx.ModelProto:
+    """The model proto without weights; graph-only exports write external-data lengths as
+    floats ("10485760.0"), which onnx's reader rejects, so normalise them to integers."""
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key in ("offset", "length") and "." in entry.value:
+                entry.value = str(int(float(entry.value)))
+    return proto
+
+
 def import_model(path: str | Path, options: ImportOptions | None = None) -> ir.Model:
     """Load, bind, inline, fold and check a model; every value ends with a static shape."""
     options = options or ImportOptions()
     model = load_model(path)
     InlinePass()(model)
     RemoveInitializersFromInputsPass()(model)
+    _sequence_splits_to_split(model.graph)
     _check_ops(model.graph)
     _bind_inputs(model.graph, options)
     _assign_roles(model.graph)
     _tie_duplicated_parameters(model.graph)
     _make_static(model)
     return model
+
+
+def _constant_ints(value: ir.Value | None) -> list[int] | None:
+    """The integer data of an initializer or Constant-node output, else None."""
+    if value is None:
+        return None
+    array = const_array(value)
+    producer = value.producer()
+    if array is None and producer is not None and producer.op_type == "Constant":
+        attr = producer.attributes.get("value")
+        array = attr.value.numpy() if attr is not None else None
+    return None if array is None else [int(x) for x in np.ravel(array)]
+
+
+def _sequence_splits_to_split(graph: ir.Graph) -> None:
+    """``SplitToSequence`` read back only by ``SequenceAt`` with constant indices (how the
+    dynamo exporter writes ``torch.split``) is a plain ``Split``; rewrite it so that the rest
+    of the planner never sees sequence types."""
+    for node in list(graph):
+        if node.op_type != "SplitToSequence" or node.attributes.get_int("keepdims", 1) != 1:
+            continue
+        uses = [user for user, _ in node.outputs[0].uses()]
+        indices = [_constant_ints(user.inputs[1]) for user in uses]
+        shape = node.inputs[0].shape
+        sizes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        axis = node.attributes.get_int("axis", 0)
+        if (not uses or any(u.op_type != "SequenceAt" for u in uses) or None in indices
+                or sizes is None or shape is None or not isinstance(shape[axis], int)):
+            continue
+        if len(sizes) == 1:  # a scalar chunk size: equal chunks, the last one may be short
+            full, rest = divmod(shape[axis], sizes[0])
+            sizes = [sizes[0]] * full + ([rest] if rest else [])
+        split = ir.Node("", "Split", [node.inputs[0], _int64_const(graph, sizes, node.name)],
+                        attributes=[ir.AttrInt64("axis", axis)], num_outputs=len(sizes),
+                        name=node.name)
+        graph.insert_before(node, split)
+        for user, index in zip(uses, indices, strict=True):
+            out = split.outputs[index[0] % len(sizes)]
+            name = user.outputs[0].name
+            user.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(user, safe=True)
+            out.name = out.name or name
+        graph.remove(node, safe=True)
+
+
+def _int64_const(graph: ir.Graph, data: list[int], name: str | None) -> ir.Value:
+    value = ir.Value(name=f"{name or 'split'}_sizes",
+                     const_value=ir.tensor(np.array(data, np.int64)))
+    value.shape = ir.Shape([len(data)])
+    value.type = ir.TensorType(ir.DataType.INT64)
+    set_role(value, Role.CONST)
+    graph.register_initializer(value)
+    return value
 
 
 def _check_ops(graph: ir.Graph) -> None:
