@@ -14,6 +14,7 @@ from functools import wraps
 import click
 
 from planner.errors import UnsupportedModelError, UserError
+from planner.training import add_training_options
 
 EXAMPLES = """
 \b
@@ -127,6 +128,106 @@ def _print_summary(path: str, s: dict) -> None:
         ops.add_row(op, str(count))
     console.print(ops)
 
+
+@main.command("inspect")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--top", default=10, show_default=True, help="How many communications to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def inspect_cmd(plan: str, top: int, as_json: bool) -> None:
+    """Stages, meshes, time and memory per stage, and the costliest communications of PLAN."""
+    from planner.plan_io import load_plan
+    from planner.plan_view import inspect_plan, print_inspect
+
+    data = inspect_plan(load_plan(plan), top=top)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print_inspect(data)
+
+
+@main.command("explain")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--node", help="Node name: its strategy, cost and next-best alternatives.")
+@click.option("--param", help="Parameter name: its sharding on its stage's mesh.")
+@click.option("--top", default=5, show_default=True, help="How many alternatives to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def explain_cmd(plan: str, node: str | None, param: str | None, top: int, as_json: bool) -> None:
+    """Why PLAN chose what it chose for one node (--node) or parameter (--param)."""
+    from planner.plan_io import load_plan
+    from planner.plan_view import explain_node, explain_param, print_explain
+
+    if (node is None) == (param is None):
+        raise UserError("pass exactly one of --node NAME or --param NAME")
+    loaded = load_plan(plan)
+    data = explain_node(loaded, node, top) if node is not None else explain_param(loaded, param)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print_explain(data)
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def diff_cmd(a: str, b: str, as_json: bool) -> None:
+    """Semantic difference of plans A and B; exit 1 when they differ, 0 when equal."""
+    from planner.plan_io import load_plan
+    from planner.plan_view import diff_lines, diff_plans
+
+    data = diff_plans(load_plan(a), load_plan(b))
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo("\n".join(diff_lines(data, a, b)))
+    sys.exit(0 if data["equal"] else 1)
+
+
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON Schema of plan files."""
+    from planner.plan_view import plan_json_schema
+
+    click.echo(json.dumps(plan_json_schema(), indent=2, sort_keys=True))
+
+
+@main.command("report")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="report.html (self-contained page) or report.png.")
+@user_errors
+def report_cmd(plan: str, output: str) -> None:
+    """Pipeline timeline, device map and cost breakdown of PLAN as HTML or PNG."""
+    from planner.plan_io import load_plan
+    from planner.plan_report import write_report
+
+    write_report(load_plan(plan), output)
+    click.echo(f"wrote {output}")
+
+
+@main.command("train-graph")
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@add_training_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the training-step ONNX model.")
+@click.option("--emit-gradients", is_flag=True, help="Also output each parameter's gradient.")
+@user_errors
+def train_graph_cmd(model: str, dims, input_shapes, output: str, emit_gradients: bool,
+                    **training) -> None:
+    """Write MODEL's training step (forward, loss, backward, optimizer update) as ONNX."""
+    from planner.importer import import_model
+    from planner.training import build_training_step, save_model_atomic, training_options_from_cli
+
+    options = training_options_from_cli(**training, emit_gradients=emit_gradients)
+    step = build_training_step(import_model(model, import_options(dims, input_shapes)), options)
+    save_model_atomic(step, output)
+    graph = step.graph
+    click.echo(f"wrote {output}: {len(graph)} nodes, {len(graph.inputs)} inputs, "
+               f"{len(graph.outputs)} outputs (loss {graph.outputs[0].name!r})")
 
 if __name__ == "__main__":
     main()
