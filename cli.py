@@ -229,5 +229,113 @@ def train_graph_cmd(model: str, dims, input_shapes, output: str, emit_gradients:
     click.echo(f"wrote {output}: {len(graph)} nodes, {len(graph.inputs)} inputs, "
                f"{len(graph.outputs)} outputs (loss {graph.outputs[0].name!r})")
 
+def _auto_int(value: str, flag: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{flag} takes 'auto' or a positive integer, not {value!r}")
+    return int(value)
+
+
+def compile_options(fn):
+    """Options shared by `compile` and `compare`."""
+    options = [
+        click.option("--cluster", "cluster_spec", required=True, metavar="SPEC",
+                     help="Preset (p3.16xlarge:8, dgx-a100:2, cpu:4, cpu:2x2) or a yaml file."),
+        click.option("--mode", type=click.Choice(["train", "infer"]), default="train",
+                     show_default=True),
+        click.option("--global-batch", type=int, default=None,
+                     help="Global batch (default: the model's bound batch)."),
+        click.option("--microbatches", default="auto", show_default=True, metavar="auto|N"),
+        click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b",
+                     show_default=True),
+        click.option("--layers", default="auto", show_default=True, metavar="auto|N",
+                     help="Layers the forward graph is clustered into."),
+        click.option("--time-limit", type=float, default=20.0, show_default=True,
+                     help="Seconds per ILP; the best solution found is kept, with its gap."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return add_training_options(model_options(fn))
+
+
+def _compile_options(method, mode, global_batch, microbatches, schedule, layers, time_limit,
+                     dp, tp, pp, training):
+    from planner.compiler import CompileOptions
+    from planner.training import training_options_from_cli
+
+    if training.get("labels") == "auto":
+        training["labels"] = "labels"
+    megatron = (dp, tp, pp) if method == "megatron" else None
+    if method == "megatron" and None in megatron:
+        raise UserError("--method megatron needs --dp A --tp B --pp C")
+    return CompileOptions(
+        method=method, mode=mode, training=training_options_from_cli(**training),
+        global_batch=global_batch, microbatches=_auto_int(microbatches, "--microbatches"),
+        schedule=schedule, layers=_auto_int(layers, "--layers"), megatron=megatron,
+        time_limit=time_limit,
+    )
+
+
+def _progress():
+    """A rich progress bar on stderr when it is a terminal, else nothing."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return contextlib.nullcontext(None)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn(
+        "{task.completed} ILPs"), TimeElapsedColumn(), console=console, transient=True)
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@compile_options
+@click.option("--method", type=click.Choice(["auto", "shard", "data", "zero2", "zero3",
+                                             "megatron"]), default="auto", show_default=True)
+@click.option("--dp", type=int, default=None, help="megatron: data-parallel degree.")
+@click.option("--tp", type=int, default=None, help="megatron: tensor-parallel degree.")
+@click.option("--pp", type=int, default=None, help="megatron: pipeline stages.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--emit-onnx", type=click.Path(dir_okay=False), default=None,
+              help="Also write the model with ONNX IR v11 sharding annotations.")
+@click.option("--timings", type=click.Path(dir_okay=False), default=None,
+              help="Write wall times as JSON (kept out of the plan so plans stay identical).")
+@user_errors
+def compile_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, microbatches,
+                schedule, layers, time_limit, method, dp, tp, pp, output, emit_onnx, timings,
+                **training) -> None:
+    """Plan MODEL for a cluster and write the plan JSON."""
+    from cost_models.cluster import resolve_cluster
+    from planner.compiler import compile_plan
+    from planner.plan_io import canonical_json, write_atomic, write_plan
+
+    cluster = resolve_cluster(cluster_spec)
+    opts = _compile_options(method, mode, global_batch, microbatches, schedule, layers,
+                            time_limit, dp, tp, pp, training)
+    with _progress() as bar:
+        task = bar.add_task("planning", total=None) if bar else None
+        tick = (lambda: bar.advance(task)) if bar else None
+        result = compile_plan(model, import_options(dims, input_shapes), cluster, opts, tick)
+    write_plan(result.plan, output)
+    if emit_onnx:
+        from planner.onnx_annotations import annotate_onnx
+
+        annotate_onnx(model, result.plan, emit_onnx)
+    if timings:
+        write_atomic(timings, canonical_json(result.timings | {"ilp_solves": result.solves}))
+    p = result.plan.predicted
+    click.echo(
+        f"wrote {output}: {len(result.plan.stages)} stage(s), {opts.method}, "
+        f"{result.plan.options.microbatches} micro-batches, predicted "
+        f"{p.iteration_time * 1e3:.4g} ms/iter, peak {p.peak_memory_per_device / 2**30:.3g} GiB"
+        f"/device, MFU {p.mfu:.1%}; planned in {result.timings['total_s']:.1f} s "
+        f"({result.solves} ILPs)"
+    )
+
+
 if __name__ == "__main__":
     main()

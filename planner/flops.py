@@ -53,6 +53,11 @@ def _conv(node: ir.Node) -> float:
     return 2.0 * _out(node) * math.prod(w[1:])
 
 
+def _conv_transpose(node: ir.Node) -> float:
+    w = shape_of(node.inputs[1])  # (C_in, C_out/group, k...): each input element fans out
+    return 2.0 * numel(node.inputs[0]) * math.prod(w[1:])
+
+
 def _per_input(factor: float) -> FlopsFn:
     return lambda node: factor * numel(node.inputs[0])
 
@@ -87,6 +92,7 @@ OP_FLOPS: dict[str, FlopsFn] = {
     "Gemm": _gemm,
     "Einsum": _einsum,
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,  # convolution input gradients (planner.grad_rules)
     "Softmax": _per_input(5),
     "LogSoftmax": _per_input(5),
     "LayerNormalization": _per_input(8),

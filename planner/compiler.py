@@ -1,0 +1,621 @@
+"""compile: model + cluster + options -> Plan (importer -> training -> layers -> intra-op ->
+inter-op -> plan).
+
+Methods share one pipeline:
+
+- ``auto``: Alpa's two levels — per-layer ILPs on every (submesh, logical mesh), the stage DP
+  over layer ranges and submeshes, micro-batch count searched when ``auto``;
+- ``shard`` / ``data`` / ``zero2`` / ``zero3``: one stage on the whole cluster (``shard`` takes
+  the best logical mesh shape; the others force their strategies in the same ILP);
+- ``megatron``: dp x tp x pp fixed by hand — pp FLOP-balanced stages of equal submeshes, each
+  a (dp, tp) logical mesh with tp inside a host.
+
+The batch the model is bound with (``--dim batch=N``) is the global batch unless
+``--global-batch`` says otherwise; the planner plans one micro-batch graph (batch / B).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from cost_models.cluster import Cluster
+from cost_models.compute import op_time, peak_flops
+from planner import __version__
+from planner.errors import UserError
+from planner.flops import node_bytes, node_flops
+from planner.graph import Role, role_of, shape_of
+from planner.importer import ImportOptions, import_model, load_model, structure_hash
+from planner.layers import Layer, assign_layers, phase_of
+from planner.mesh import LogicalMesh, make_mesh
+from planner.plan_schema import (
+    Alternative,
+    Collective,
+    IlpStats,
+    LogicalMeshPlan,
+    ModelIdentity,
+    NodePlan,
+    Options,
+    Plan,
+    Predicted,
+    Producer,
+    SolverStats,
+    StageMemory,
+    StagePlan,
+    StagePrediction,
+    Submesh,
+    TrainingConfig,
+    Transfer,
+)
+from planner.stage_costs import RangeCosts, StageCostModel, crossing_bytes, range_costs
+from planner.stage_dp import StageChoice, stage_dp
+from planner.training import TrainingOptions, build_training_step
+
+METHODS = ("auto", "shard", "data", "zero2", "zero3", "megatron")
+MAX_MICROBATCH_CANDIDATES = 4
+ALTERNATIVES_KEPT = 3
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    method: str = "auto"
+    mode: str = "train"
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    global_batch: int | None = None
+    microbatches: int | None = None  # None = auto
+    schedule: str = "1f1b"
+    layers: int | None = None  # None = auto
+    megatron: tuple[int, int, int] | None = None  # dp, tp, pp
+    time_limit: float = 20.0
+
+
+@dataclass(frozen=True)
+class StagePick:
+    """A stage as chosen: layer range, device ids and logical mesh."""
+
+    start: int
+    stop: int
+    devices: tuple[int, ...]
+    mesh: LogicalMesh
+
+
+@dataclass
+class Candidate:
+    """One micro-batch count, fully planned."""
+
+    microbatches: int
+    graph: ir.Graph
+    model: ir.Model
+    import_options: ImportOptions
+    layers: list[Layer]
+    costs: StageCostModel
+    stages: list[StagePick]
+    latency: float
+    dp_optimum: float | None
+
+
+@dataclass
+class CompileResult:
+    plan: Plan
+    timings: dict[str, float]
+    solves: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch and micro-batches
+
+
+def _batch_binding(path: str, options: ImportOptions) -> tuple[int, str | None]:
+    """(bound batch, symbolic name of the batch dim or None when it is static)."""
+    graph = load_model(path).graph
+    first = graph.inputs[0]
+    if first.name in options.input_shapes:
+        return options.input_shapes[first.name][0], None
+    dim = first.shape[0] if first.shape is not None and len(first.shape) else None
+    if isinstance(dim, int):
+        return dim, None
+    name = dim.value if dim is not None else None
+    if name is None or name not in options.dims:
+        raise UserError(f"bind the batch dim of input {first.name!r}: --dim {name or 'batch'}=N")
+    return options.dims[name], name
+
+
+def _microbatch_candidates(global_batch: int, bound: int, symbolic: bool,
+                           requested: int | None) -> list[int]:
+    if not symbolic:  # the exported graph is one micro-batch; its batch cannot change
+        if global_batch % bound:
+            raise UserError(f"--global-batch {global_batch} is not a multiple of the model's "
+                            f"static batch {bound}: export with a dynamic batch dim")
+        count = global_batch // bound
+        if requested not in (None, count):
+            raise UserError(f"the model's batch dim is static ({bound}), so --global-batch "
+                            f"{global_batch} means {count} micro-batches, not {requested}")
+        return [count]
+    if requested is not None:
+        if requested < 1 or global_batch % requested:
+            raise UserError(f"--microbatches {requested} must divide the global batch "
+                            f"{global_batch}")
+        return [requested]
+    powers = [m for m in (2**k for k in range(20)) if m <= global_batch and global_batch % m == 0]
+    if len(powers) <= MAX_MICROBATCH_CANDIDATES:
+        return powers
+    picks = np.unique(np.round(np.linspace(0, len(powers) - 1, MAX_MICROBATCH_CANDIDATES)))
+    return [powers[int(i)] for i in picks]
+
+
+def _microbatch_import(path: str, options: ImportOptions, batch_name: str | None,
+                       micro: int) -> ImportOptions:
+    if batch_name is None:
+        return options
+    return ImportOptions(dims={**options.dims, batch_name: micro},
+                         input_shapes=dict(options.input_shapes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Submeshes and logical meshes
+
+
+def submesh_shapes(cluster: Cluster) -> list[tuple[int, int]]:
+    """(1, 2^k) inside a host and (n, M) whole hosts (Alpa §2.3): any exact cover tiles."""
+    m = cluster.devices_per_host
+    inside = sorted({*(2**k for k in range(int(math.log2(m)) + 1)), m})
+    shapes = [(1, d) for d in inside if d <= m]
+    shapes += [(n, m) for n in range(2, cluster.hosts + 1)]
+    return shapes
+
+
+def canonical_devices(cluster: Cluster, shape: tuple[int, int]) -> tuple[int, ...]:
+    hosts, per_host = shape
+    return tuple(h * cluster.devices_per_host + d for h in range(hosts) for d in range(per_host))
+
+
+def mesh_configs(cluster: Cluster, devices: tuple[int, ...]) -> list[LogicalMesh]:
+    """1-D view plus 2-D (dp, mp) views with the model-parallel axis inside a host."""
+    n = len(devices)
+    meshes = [make_mesh(cluster, devices, (n,))]
+    for a in range(2, n):
+        if n % a == 0 and n // a <= cluster.devices_per_host:
+            meshes.append(make_mesh(cluster, devices, (a, n // a)))
+    return meshes
+
+
+def place_stages(cluster: Cluster, shapes: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Concrete device ids for stage submeshes: whole hosts first, then packed inside hosts."""
+    free = {h: list(range(cluster.devices_per_host)) for h in range(cluster.hosts)}
+    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][0], -shapes[i][1], i))
+    placed: dict[int, tuple[int, ...]] = {}
+    for i in order:
+        hosts, per_host = shapes[i]
+        if hosts > 1 or per_host == cluster.devices_per_host:
+            chosen = [h for h in sorted(free) if len(free[h]) == cluster.devices_per_host][:hosts]
+            placed[i] = tuple(h * cluster.devices_per_host + d for h in chosen
+                              for d in free.pop(h))
+        else:
+            host = min((h for h in sorted(free) if len(free[h]) >= per_host),
+                       key=lambda h: (len(free[h]), h))
+            take, free[host] = free[host][:per_host], free[host][per_host:]
+            placed[i] = tuple(host * cluster.devices_per_host + d for d in take)
+            if not free[host]:
+                free.pop(host)
+    return [placed[i] for i in range(len(shapes))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning one micro-batch count
+
+
+def _memory_limit(cluster: Cluster) -> float:
+    return cluster.device.memory_bytes
+
+
+def _max_inflight(rc: RangeCosts, limit: float) -> np.ndarray:
+    free = limit - rc.static_memory - rc.transient_memory
+    with np.errstate(divide="ignore", invalid="ignore"):
+        count = np.where(rc.stash_memory > 0, np.floor(free / rc.stash_memory), 1e6)
+    count = np.where(free >= 0, count, -1)
+    return np.where(np.isfinite(rc.per_microbatch), count, -1).astype(np.int64)
+
+
+def _plan_auto(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
+               microbatches: int) -> tuple[list[StagePick], float] | None:
+    num = len(costs.layers)
+    shapes = submesh_shapes(cluster)
+    flops = np.array([layer.flops for layer in costs.layers])
+    total = flops.sum() or 1.0
+    configs = [mesh_configs(cluster, canonical_devices(cluster, s)) for s in shapes]
+    width = max(len(c) for c in configs)
+    stage = np.full((num, num, len(shapes), width), np.inf)
+    summed = np.full_like(stage, np.inf)
+    inflight = np.full(stage.shape, -1, dtype=np.int64)
+    for m, (shape, meshes) in enumerate(zip(shapes, configs, strict=True)):
+        share = shape[0] * shape[1] / cluster.num_devices
+
+        def balanced(i: int, j: int, share: float = share) -> bool:
+            # Alpa's stage-imbalance pruning: FLOP share within 2x of the device share;
+            # the whole cluster only ever runs the whole model.
+            part = flops[i : j + 1].sum() / total
+            if share == 1.0:
+                return i == 0 and j == num - 1
+            return share / 4 <= part <= share * 4 or num <= 2
+
+        for c, mesh in enumerate(meshes):
+            rc = range_costs(costs, mesh, cut, balanced)
+            stage[:, :, m, c] = rc.per_microbatch
+            summed[:, :, m, c] = rc.per_microbatch + rc.per_step
+            inflight[:, :, m, c] = _max_inflight(rc, _memory_limit(cluster))
+    result = stage_dp(stage, summed, inflight, [a * b for a, b in shapes], cluster.num_devices,
+                      microbatches)
+    if result is None:
+        return None
+    devices = place_stages(cluster, [shapes[s.submesh] for s in result.stages])
+    picks = [_pick(s, devs, configs[s.submesh][s.config], cluster)
+             for s, devs in zip(result.stages, devices, strict=True)]
+    return picks, result.latency
+
+
+def _pick(choice: StageChoice, devices: tuple[int, ...], canonical: LogicalMesh,
+          cluster: Cluster) -> StagePick:
+    mesh = make_mesh(cluster, devices, canonical.shape)
+    return StagePick(choice.start, choice.stop, devices, mesh)
+
+
+def _single_stage(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
+                  microbatches: int, method: str) -> tuple[list[StagePick], float]:
+    devices = tuple(range(cluster.num_devices))
+    meshes = mesh_configs(cluster, devices) if method == "shard" else [
+        make_mesh(cluster, devices, (len(devices),))]
+    num = len(costs.layers)
+    best = None
+    for mesh in meshes:
+        rc = range_costs(costs, mesh, cut, lambda i, j: True)
+        t = microbatches * rc.per_microbatch[0, num - 1] + rc.per_step[0, num - 1]
+        if best is None or t < best[1] - 1e-15:
+            best = (mesh, t)
+    mesh, t = best
+    return [StagePick(0, num, devices, mesh)], t
+
+
+def _uniform_stages(layers: list[Layer], pp: int) -> list[tuple[int, int]]:
+    flops = np.cumsum([layer.flops for layer in layers])
+    bounds = [0]
+    for k in range(1, pp):
+        target = flops[-1] * k / pp
+        b = int(np.searchsorted(flops, target)) + 1
+        bounds.append(min(max(b, bounds[-1] + 1), len(layers) - (pp - k)))
+    bounds.append(len(layers))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _megatron_stages(costs: StageCostModel, cluster: Cluster, dp: int, tp: int,
+                     pp: int) -> list[StagePick]:
+    d = cluster.num_devices
+    if dp * tp * pp != d:
+        raise UserError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the cluster "
+                        f"has {d} devices")
+    if tp > cluster.devices_per_host or cluster.devices_per_host % tp:
+        raise UserError(f"--tp {tp} must divide the {cluster.devices_per_host} devices of a host")
+    if pp > len(costs.layers):
+        raise UserError(f"--pp {pp} exceeds the {len(costs.layers)} layers: pass --layers {pp}")
+    per_stage = d // pp
+    picks = []
+    for s, (start, stop) in enumerate(_uniform_stages(costs.layers, pp)):
+        devices = tuple(range(s * per_stage, (s + 1) * per_stage))
+        shape = (dp, tp) if dp > 1 and tp > 1 else (per_stage,)
+        picks.append(StagePick(start, stop, devices, make_mesh(cluster, devices, shape)))
+    return picks
+
+
+def _pipeline_latency(costs: StageCostModel, picks: list[StagePick], cut: np.ndarray,
+                      microbatches: int) -> tuple[float, list[tuple[float, float]]]:
+    times = []
+    for p in picks:
+        rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
+        times.append((rc.per_microbatch[p.start, p.stop - 1], rc.per_step[p.start, p.stop - 1]))
+    t = sum(a for a, _ in times) + (microbatches - 1) * max(a for a, _ in times)
+    return t + max(b for _, b in times), times
+
+
+def _plan_candidate(path: str, options: ImportOptions, cluster: Cluster, opts: CompileOptions,
+                    microbatches: int, progress: Callable[[], None] | None) -> Candidate | None:
+    model = import_model(path, options)
+    graph = (build_training_step(model, opts.training) if opts.mode == "train" else model).graph
+    if opts.megatron is not None and opts.layers is None:
+        layer_count = max(opts.megatron[2], 1)
+        layers = assign_layers(graph, max(layer_count, _auto_count(graph)))
+    else:
+        layers = assign_layers(graph, opts.layers)
+    method = "shard" if opts.method in ("auto", "megatron") else opts.method
+    costs = StageCostModel(graph, layers, cluster, method=method, time_limit=opts.time_limit,
+                           progress=progress)
+    cut = crossing_bytes(graph, layers)
+    dp_optimum = None
+    if opts.method == "auto":
+        found = _plan_auto(costs, cluster, cut, microbatches)
+        if found is None:
+            return None
+        picks, dp_optimum = found
+    elif opts.method == "megatron":
+        picks = _megatron_stages(costs, cluster, *opts.megatron)
+    else:
+        picks, _ = _single_stage(costs, cluster, cut, microbatches, opts.method)
+    latency, _ = _pipeline_latency(costs, picks, cut, microbatches)
+    return Candidate(microbatches, graph, model, options, layers, costs, picks, latency,
+                     dp_optimum)
+
+
+def _auto_count(graph: ir.Graph) -> int:
+    from planner.layers import auto_layer_count, forward_nodes
+
+    return auto_layer_count(forward_nodes(graph))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def compile_plan(path: str, import_options: ImportOptions, cluster: Cluster,
+                 opts: CompileOptions, progress: Callable[[], None] | None = None
+                 ) -> CompileResult:
+    import time
+
+    if opts.method not in METHODS:
+        raise UserError(f"unknown --method {opts.method!r}: use one of {', '.join(METHODS)}")
+    if opts.method == "megatron" and opts.megatron is None:
+        raise UserError("--method megatron needs --dp A --tp B --pp C")
+    start = time.perf_counter()
+    bound, batch_name = _batch_binding(path, import_options)
+    global_batch = opts.global_batch or bound
+    if batch_name is None:
+        counts = _microbatch_candidates(global_batch, bound, False, opts.microbatches)
+    else:
+        counts = _microbatch_candidates(global_batch, bound, True, opts.microbatches)
+    best: Candidate | None = None
+    for count in counts:
+        micro = global_batch // count if batch_name else bound
+        options = _microbatch_import(path, import_options, batch_name, micro)
+        cand = _plan_candidate(path, options, cluster, opts, count, progress)
+        if cand is not None and (best is None or cand.latency < best.latency - 1e-15):
+            best = cand
+    if best is None:
+        raise UserError(_does_not_fit(path, import_options, batch_name, global_batch,
+                                      counts[-1], cluster, opts))
+    plan = build_plan(path, best, cluster, opts, global_batch)
+    return CompileResult(plan, {"total_s": time.perf_counter() - start}, best.costs.solves)
+
+
+def _does_not_fit(path, import_options, batch_name, global_batch, count, cluster,
+                  opts) -> str:
+    micro = global_batch // count if batch_name else None
+    options = _microbatch_import(path, import_options, batch_name, micro) if micro else \
+        import_options
+    model = import_model(path, options)
+    graph = (build_training_step(model, opts.training) if opts.mode == "train" else model).graph
+    layers = assign_layers(graph, opts.layers)
+    costs = StageCostModel(graph, layers, cluster, method="zero3")
+    devices = tuple(range(cluster.num_devices))
+    mesh = make_mesh(cluster, devices, (len(devices),))
+    cut = crossing_bytes(graph, layers)
+    rc = range_costs(costs, mesh, cut, lambda i, j: True)
+    need = rc.static_memory[0, -1] + rc.stash_memory[0, -1] + rc.transient_memory[0, -1]
+    gib = 2**30
+    return (f"does not fit: needs {need / gib:.1f} GiB per device, has "
+            f"{cluster.device.memory_bytes / gib:.1f} GiB (even fully sharded over "
+            f"{cluster.num_devices} devices with {count} micro-batches): use more or larger "
+            "devices, or a smaller batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan assembly
+
+
+def _alternatives(chosen, candidates) -> list[Alternative]:
+    others = sorted((s for s in candidates if s.name != chosen.name),
+                    key=lambda s: (s.cost, s.name))
+    return [Alternative(strategy=s.name, cost=s.cost) for s in others[:ALTERNATIVES_KEPT]]
+
+
+def _collectives(strategy) -> list[Collective]:
+    out = []
+    for c in strategy.collectives:
+        index = int(c.tensor[3:]) if c.tensor.startswith("out") else 0
+        out.append(Collective(kind=c.kind, axes=list(c.axes), reduce=c.reduce_op, dim=c.dim,
+                              output=index, bytes=int(c.nbytes), seconds=c.seconds))
+    return out
+
+
+def _spec_text(spec) -> str | None:
+    return None if spec is None else str(spec)
+
+
+def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOptions,
+               global_batch: int) -> Plan:
+    from pathlib import Path
+
+    graph, costs = cand.graph, cand.costs
+    stage_of_layer = {}
+    for s, pick in enumerate(cand.stages):
+        for layer in range(pick.start, pick.stop):
+            stage_of_layer[layer] = s
+    stage_of_node = {name: stage_of_layer[costs.layer_of[name]] for name in costs.layer_of}
+    cut = crossing_bytes(graph, cand.layers)
+    _, times = _pipeline_latency(costs, cand.stages, cut, cand.microbatches)
+    stages: list[StagePlan] = []
+    ilps: list[IlpStats] = []
+    seen_solutions: set[int] = set()
+    for s, pick in enumerate(cand.stages):
+        nodes: dict[str, NodePlan] = {}
+        params: dict[str, str] = {}
+        inputs: dict[str, str] = {}
+        outputs: dict[str, str] = {}
+        for node in graph:
+            if stage_of_node[node.name] != s:
+                continue
+            layer_sol = costs.layer(costs.layer_of[node.name], pick.mesh)
+            sol = layer_sol.solution
+            if id(sol) not in seen_solutions:
+                seen_solutions.add(id(sol))
+                st = sol.stats
+                ilps.append(IlpStats(stage=s, objective=st.objective, bound=st.lp_bound,
+                                     gap=st.mip_gap, variables=st.num_vars,
+                                     constraints=st.num_constraints, status=st.status))
+            rep = layer_sol.node_map[node.name]
+            strategy = sol.strategies[rep]
+            nodes[node.name] = NodePlan(
+                op=node.op_type,
+                strategy=strategy.name,
+                inputs=[_spec_text(x) for x in strategy.inputs],
+                outputs=[str(x) for x in strategy.outputs],
+                collectives=_collectives(strategy),
+                local=None if strategy.local_kind == "plain" else strategy.local_kind,
+                replicated_fallback=strategy.replicated_fallback,
+                compute=strategy.compute,
+                communication=strategy.comm,
+                alternatives=_alternatives(strategy, sol.alternatives[rep]),
+            )
+            for slot, value in enumerate(node.inputs):
+                if value is None:
+                    continue
+                spec = strategy.inputs[slot]
+                producer = value.producer()
+                if role_of(value) is Role.PARAM:
+                    params.setdefault(value.name, str(spec))
+                elif producer is None or stage_of_node[producer.name] != s:
+                    inputs.setdefault(value.name, str(spec))
+            for j, out in enumerate(node.outputs):
+                readers = {stage_of_node[u.node.name] for u in out.uses()}
+                if readers - {s} or out in graph.outputs:
+                    outputs[out.name] = str(strategy.outputs[j])
+        rc = range_costs(costs, pick.mesh, cut, lambda i, j: True)
+        i, j = pick.start, pick.stop - 1
+        inflight = min(len(cand.stages) - s, cand.microbatches)
+        memory = StageMemory(
+            params=float(rc.static_memory[i, j]),
+            grads=0.0,
+            optimizer_state=0.0,
+            activations=float(inflight * rc.stash_memory[i, j]),
+            peak=float(rc.static_memory[i, j] + inflight * rc.stash_memory[i, j]
+                       + rc.transient_memory[i, j]),
+        )
+        memory = _with_state_breakdown(costs, pick, memory)
+        stages.append(StagePlan(
+            index=s,
+            layers=list(range(pick.start, pick.stop)),
+            submesh=Submesh(hosts=sorted({cluster.host_of(d) for d in pick.devices}),
+                            devices=list(pick.devices)),
+            logical_mesh=LogicalMeshPlan(shape=list(pick.mesh.shape),
+                                         device_ids=_mesh_rows(pick.mesh)),
+            nodes=nodes, params=params, inputs=inputs, outputs=outputs,
+            compute=float(rc.compute[i, j]), communication=float(rc.communication[i, j]),
+            memory=memory,
+        ))
+    transfers = _transfers(graph, cand, stage_of_node, cluster)
+    predicted = _predict(graph, cand, cluster, opts, times, stages)
+    model_file = Path(path).name
+    bound = {v.name: list(shape_of(v)) for v in cand.model.graph.inputs}
+    return Plan(
+        producer=Producer(version=__version__),
+        model=ModelIdentity(file=model_file, structure_sha256=structure_hash(cand.model),
+                            dims=dict(cand.import_options.dims), input_shapes=bound),
+        cluster=cluster.model_dump(mode="json"),
+        options=Options(
+            method=opts.method, mode=opts.mode, dtype="float32",
+            training=_training_config(opts) if opts.mode == "train" else None,
+            global_batch=global_batch, microbatches=cand.microbatches,
+            schedule=opts.schedule, layers=len(cand.layers),
+            megatron=dict(zip(("dp", "tp", "pp"), opts.megatron, strict=True))
+            if opts.megatron else None,
+        ),
+        solver=SolverStats(ilps=ilps, dp_optimum=cand.dp_optimum),
+        stages=stages,
+        transfers=transfers,
+        predicted=predicted,
+    )
+
+
+def _with_state_breakdown(costs: StageCostModel, pick: StagePick, memory: StageMemory
+                          ) -> StageMemory:
+    """Split the stage's static bytes into parameters, gradients and optimizer state."""
+    totals = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}
+    for layer in range(pick.start, pick.stop):
+        mem = costs.layer(layer, pick.mesh).solution.memory
+        for key in totals:
+            totals[key] += mem[key]
+    return memory.model_copy(update={"params": totals["params"], "grads": totals["grads"],
+                                     "optimizer_state": totals["opt_state"]})
+
+
+def _mesh_rows(mesh: LogicalMesh) -> list[list[int]]:
+    ids = np.asarray(mesh.device_ids)
+    return ids.reshape(-1, mesh.shape[-1]).tolist() if ids.ndim == 1 else ids.tolist()
+
+
+def _training_config(opts: CompileOptions) -> TrainingConfig:
+    t = opts.training
+    return TrainingConfig(loss=t.loss, labels=t.labels, optimizer=t.optimizer, lr=t.lr,
+                          beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def _transfers(graph: ir.Graph, cand: Candidate, stage_of_node: dict[str, int],
+               cluster: Cluster) -> list[Transfer]:
+    from cost_models.collectives import send_recv
+    from planner.graph import nbytes
+
+    out: list[Transfer] = []
+    costs = cand.costs
+    for node in graph:
+        src = stage_of_node[node.name]
+        for j, value in enumerate(node.outputs):
+            src_spec = costs.strategy(node.name, cand.stages[src].mesh).outputs[j]
+            dests: dict[int, str] = {}
+            for use in value.uses():
+                dst = stage_of_node[use.node.name]
+                if dst != src and dst not in dests:
+                    spec = costs.strategy(use.node.name, cand.stages[dst].mesh).inputs[use.idx]
+                    dests[dst] = str(spec)
+            for dst, spec in sorted(dests.items()):
+                link = cluster.inter_host if cluster.hosts > 1 else cluster.intra_host
+                size = nbytes(value)
+                out.append(Transfer(
+                    tensor=value.name, src_stage=src, dst_stage=dst, src_spec=str(src_spec),
+                    dst_spec=spec, bytes=int(size),
+                    seconds=send_recv(size / len(cand.stages[dst].devices), link.latency,
+                                      link.bandwidth)))
+    return out
+
+
+def _predict(graph: ir.Graph, cand: Candidate, cluster: Cluster, opts: CompileOptions,
+             times: list[tuple[float, float]], stages: list[StagePlan]) -> Predicted:
+    b = cand.microbatches
+    per_mb = [t for t, _ in times]
+    per_step = [u for _, u in times]
+    iteration = sum(per_mb) + (b - 1) * max(per_mb) + max(per_step)
+    flops = 0.0
+    lower = 0.0
+    for node in graph:
+        repeat = 1 if phase_of(node) == "update" else b
+        f = node_flops(node)
+        flops += repeat * f
+        lower += repeat * op_time(f, node_bytes(node), cluster.device)
+    lower /= cluster.num_devices
+    predictions = []
+    for stage, t, u in zip(stages, per_mb, per_step, strict=True):
+        compute = stage.compute / max(stage.compute + stage.communication, 1e-30) * t
+        predictions.append(StagePrediction(
+            compute=b * compute, communication=b * (t - compute) + u,
+            bubble=max(0.0, iteration - b * t - u)))
+    mfu = flops / (iteration * cluster.num_devices * peak_flops(cluster.device)) \
+        if iteration > 0 else 0.0
+    return Predicted(
+        iteration_time=iteration,
+        stages=predictions,
+        peak_memory_per_device=max(s.memory.peak for s in stages),
+        device_memory=cluster.device.memory_bytes,
+        mfu=mfu,
+        compute_lower_bound=lower,
+        ratio_to_lower_bound=iteration / lower if lower > 0 else 0.0,
+    )
+

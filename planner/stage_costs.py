@@ -1,0 +1,218 @@
+"""Stage costs composed from per-layer intra-op solves (solver-notes: decompose by layer).
+
+A whole training graph is far too large for one ILP to plan in seconds, but transformer
+blocks repeat: each distinct layer signature is solved once per logical mesh and the solution
+is reused, node by node, for every layer with that signature. A stage (layers i..j on a mesh)
+then costs the sum of its layers plus the resharding on edges between its layers, and the
+transfer of the activations entering it from the previous stage.
+
+Costs are split by when they happen: per micro-batch (forward/backward compute, their
+collectives, resharding) and per step (the optimizer update, and the gradient synchronisation
+that gradient accumulation performs once per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from cost_models.cluster import Cluster
+from cost_models.collectives import send_recv
+from planner.graph import Role, itemsize, nbytes, role_of, shape_of
+from planner.intra_op import IntraOpOptions, IntraOpSolution, solve_intra_op
+from planner.layers import Layer, phase_of
+from planner.mesh import LogicalMesh
+from planner.sharding import ShardingSpec, resharding_cost
+from planner.strategies import Strategy
+from planner.strategies.base import local_bytes
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer on one logical mesh (seconds; bytes per device)."""
+
+    per_microbatch: float
+    per_step: float
+    compute: float
+    communication: float
+    static_memory: float  # params + grads + optimizer state
+    stash_memory: float  # forward activations the backward pass reads, per micro-batch
+    transient_memory: float  # peak working set beyond the stash
+
+
+@dataclass
+class LayerSolution:
+    """A representative solve and the map from this layer's nodes to it."""
+
+    solution: IntraOpSolution
+    node_map: dict[str, str]  # this layer's node name -> representative node name
+    cost: LayerCost
+
+
+@dataclass
+class StageCostModel:
+    """Layer solutions per logical-mesh configuration, cached by layer signature."""
+
+    graph: ir.Graph
+    layers: list[Layer]
+    cluster: Cluster
+    method: str = "shard"
+    time_limit: float = 20.0
+    progress: Callable[[], None] | None = None
+    _cache: dict[tuple, LayerSolution] = field(default_factory=dict)
+    solves: int = 0
+
+    def __post_init__(self) -> None:
+        self.nodes = {n.name: n for n in self.graph}
+        self.layer_of = {name: layer.index for layer in self.layers for name in layer.nodes}
+
+    def layer(self, index: int, mesh: LogicalMesh) -> LayerSolution:
+        layer = self.layers[index]
+        key = (layer.signature, mesh.shape, mesh.links, self.method)
+        rep = self._cache.get(key)
+        if rep is None:
+            nodes = [self.nodes[n] for n in layer.nodes]
+            solution = solve_intra_op(
+                nodes, mesh, self.cluster,
+                IntraOpOptions(method=self.method, time_limit=self.time_limit),
+            )
+            self.solves += 1
+            if self.progress:
+                self.progress()
+            rep = LayerSolution(solution, {n: n for n in layer.nodes}, self._cost(nodes, solution))
+            self._cache[key] = rep
+        if rep.node_map and next(iter(rep.node_map)) == layer.nodes[0]:
+            return rep
+        rep_names = list(rep.node_map)
+        return LayerSolution(rep.solution, dict(zip(layer.nodes, rep_names, strict=True)),
+                             rep.cost)
+
+    def strategy(self, node: str, mesh: LogicalMesh) -> Strategy:
+        sol = self.layer(self.layer_of[node], mesh)
+        return sol.solution.strategies[sol.node_map[node]]
+
+    def output_spec(self, value: ir.Value, mesh: LogicalMesh) -> ShardingSpec | None:
+        producer = value.producer()
+        if producer is None:
+            return None
+        return self.strategy(producer.name, mesh).outputs[value.index()]
+
+    def _cost(self, nodes: list[ir.Node], sol: IntraOpSolution) -> LayerCost:
+        per_step = 0.0
+        for node in nodes:
+            strategy = sol.strategies[node.name]
+            if phase_of(node) == "update":
+                per_step += strategy.cost
+            elif any(role_of(o) is Role.GRAD for o in node.outputs):
+                per_step += strategy.comm  # synchronised once per step under accumulation
+        total = sol.total
+        stash = 0.0
+        for node in nodes:
+            if phase_of(node) != "forward":
+                continue
+            for out in node.outputs:
+                if any(phase_of(u.node) == "backward" for u in out.uses()):
+                    stash += local_bytes(out, sol.specs[out.name], sol.mesh)
+        memory = sol.memory
+        return LayerCost(
+            per_microbatch=total - per_step,
+            per_step=per_step,
+            compute=sol.compute,
+            communication=sol.communication + sol.resharding,
+            static_memory=memory["params"] + memory["grads"] + memory["opt_state"],
+            stash_memory=stash,
+            transient_memory=max(0.0, memory["activations"] - stash),
+        )
+
+    def edge_cost(self, a: int, b: int, mesh: LogicalMesh) -> float:
+        """Resharding on edges from layer a into layer b when both run on ``mesh``."""
+        total = 0.0
+        for name in self.layers[b].nodes:
+            node = self.nodes[name]
+            consumer = self.strategy(name, mesh)
+            for slot, value in enumerate(node.inputs):
+                producer = value.producer() if value is not None else None
+                if producer is None or self.layer_of.get(producer.name) != a:
+                    continue
+                src = self.output_spec(value, mesh)
+                dst = consumer.inputs[slot]
+                if src is not None and dst is not None and src != dst:
+                    total += resharding_cost(src, dst, shape_of(value), itemsize(value.dtype),
+                                             mesh)[0]
+        return total
+
+
+def crossing_bytes(graph: ir.Graph, layers: list[Layer]) -> np.ndarray:
+    """cut[i] = bytes of activations produced in layers < i and read in layers >= i."""
+    layer_of = {name: layer.index for layer in layers for name in layer.nodes}
+    num = len(layers)
+    diff = np.zeros(num + 1)
+    for node in graph:
+        a = layer_of[node.name]
+        for out in node.outputs:
+            if role_of(out) in (Role.PARAM, Role.CONST):
+                continue
+            last = max((layer_of[u.node.name] for u in out.uses()), default=a)
+            if last > a:
+                diff[a + 1] += nbytes(out)
+                diff[last + 1] -= nbytes(out)
+    return np.cumsum(diff)[:num]
+
+
+def transfer_seconds(cluster: Cluster, nbytes_in: float, stage_devices: int) -> float:
+    """Activations in and their gradients out of a stage, per micro-batch, each rank moving
+    its share (Alpa's local all-gather trick keeps the inter-mesh traffic at 1/n)."""
+    if nbytes_in <= 0:
+        return 0.0
+    link = cluster.inter_host if cluster.hosts > 1 else cluster.intra_host
+    return 2 * send_recv(nbytes_in / stage_devices, link.latency, link.bandwidth)
+
+
+@dataclass(frozen=True)
+class RangeCosts:
+    """Costs of every layer range [i, j] on one logical mesh, from prefix sums."""
+
+    per_microbatch: np.ndarray  # (L, L)
+    per_step: np.ndarray
+    compute: np.ndarray
+    communication: np.ndarray
+    static_memory: np.ndarray
+    stash_memory: np.ndarray
+    transient_memory: np.ndarray
+
+
+def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray,
+                layer_bound: Callable[[int, int], bool]) -> RangeCosts:
+    """Compose layer costs into range costs; ``layer_bound(i, j)`` prunes ranges (inf)."""
+    num = len(model.layers)
+    costs = [model.layer(i, mesh).cost for i in range(num)]
+    edge = np.zeros((num, num))
+    for b in range(num):
+        for a in range(b):
+            edge[a, b] = model.edge_cost(a, b, mesh)
+    shape = (num, num)
+    out = {k: np.full(shape, np.inf) for k in RangeCosts.__dataclass_fields__}
+    for i in range(num):
+        acc = dict.fromkeys(out, 0.0)
+        inner = 0.0
+        for j in range(i, num):
+            c = costs[j]
+            inner += edge[i:j, j].sum()
+            acc["per_microbatch"] += c.per_microbatch
+            acc["per_step"] += c.per_step
+            acc["compute"] += c.compute
+            acc["communication"] += c.communication
+            acc["static_memory"] += c.static_memory
+            acc["stash_memory"] += c.stash_memory
+            acc["transient_memory"] = max(acc["transient_memory"], c.transient_memory)
+            if not layer_bound(i, j):
+                continue
+            transfer = transfer_seconds(model.cluster, cut[i], mesh.num_devices) if i else 0.0
+            for k in out:
+                out[k][i, j] = acc[k]
+            out["per_microbatch"][i, j] += inner + transfer
+            out["communication"][i, j] += inner + transfer
+    return RangeCosts(**out)

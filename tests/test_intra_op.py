@@ -1,0 +1,227 @@
+"""The intra-op ILP: Alpa's closed-form MLP oracles, brute force on a small graph, and the
+plans it must discover (data parallel, Megatron) on transformer training graphs."""
+
+import itertools
+
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from cost_models import collectives
+from cost_models.cluster import cluster_from_dict, resolve_cluster
+from cost_models.collectives import flat_link
+from planner.graph import Role, set_role, shape_of
+from planner.importer import ImportOptions, import_model
+from planner.intra_op import IntraOpOptions, solve_intra_op
+from planner.mesh import logical_meshes, mesh_from_links
+from planner.sharding import TIE_BREAK, resharding_cost
+from planner.strategies import StrategyContext, strategies_for
+from planner.strategies.base import all_specs
+from planner.training import TrainingOptions, build_training_step
+
+# Alpa's oracles have no replicated dot strategies; here slow FLOPs make any replicated
+# contraction lose, data movement is free, and collectives pay bytes only.
+SLOW_FLOPS = cluster_from_dict(
+    {
+        "name": "oracle",
+        "hosts": 1,
+        "devices_per_host": 64,
+        "device": {
+            "name": "x",
+            "peak_flops": {"float32": 1.0},
+            "memory_bytes": 1e12,
+            "memory_bandwidth": 1e30,
+            "kernel_latency": 0.0,
+        },
+        "intra_host": {"bandwidth": 1.0, "latency": 0.0},
+        "inter_host": {"bandwidth": 1.0, "latency": 0.0},
+    }
+)
+
+
+def mlp_training_graph(batch: int, hidden: int, layers: int) -> ir.Graph:
+    """Alpa's test_solver_mlp graph: N no-bias layers, MSE-like grad, SGD update in place."""
+    f = TensorProto.FLOAT
+    nodes, inputs = (
+        [],
+        [
+            helper.make_tensor_value_info("x", f, [batch, hidden]),
+            helper.make_tensor_value_info("y", f, [batch, hidden]),
+        ],
+    )
+    outputs = []
+    h = "x"
+    for i in range(layers):
+        inputs.append(helper.make_tensor_value_info(f"w{i}", f, [hidden, hidden]))
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"h{i}"], name=f"fwd{i}"))
+        h = f"h{i}"
+    nodes.append(helper.make_node("Sub", [h, "y"], ["g"], name="loss_grad"))
+    g = "g"
+    for i in reversed(range(layers)):
+        prev = "x" if i == 0 else f"h{i - 1}"
+        nodes.append(helper.make_node("Gemm", [prev, g], [f"dw{i}"], transA=1, name=f"dw{i}"))
+        if i:
+            nodes.append(
+                helper.make_node("Gemm", [g, f"w{i}"], [f"dh{i}"], transB=1, name=f"dh{i}")
+            )
+            g = f"dh{i}"
+    for i in range(layers):
+        nodes.append(helper.make_node("Sub", [f"w{i}", f"dw{i}"], [f"new_w{i}"], name=f"up{i}"))
+        outputs.append(helper.make_tensor_value_info(f"new_w{i}", f, [hidden, hidden]))
+    proto = helper.make_model(
+        helper.make_graph(nodes, "mlp", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    import onnx
+
+    graph = ir.from_proto(onnx.shape_inference.infer_shapes(proto)).graph
+    for v in graph.inputs:
+        set_role(v, Role.PARAM if v.name.startswith("w") else Role.INPUT)
+    for v in graph.outputs:
+        v.metadata_props["alpa.updates"] = v.name.removeprefix("new_")
+    return graph
+
+
+def comm(sol) -> float:
+    """Communication of an ILP solution whose contractions all use every device."""
+    assert sol.stats.objective == pytest.approx(sol.total, rel=1e-9)
+    return sol.communication + sol.resharding
+
+
+def ar(nbytes: float, link) -> float:
+    return collectives.all_reduce(nbytes, link) + TIE_BREAK["all_reduce"]
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 4), (4, 1)])
+@pytest.mark.parametrize("layers", [2, 12])
+def test_mlp_oracles_1d(shape, layers):
+    link = flat_link(4, 0.0, 1.0)
+    mesh = mesh_from_links(shape, [link if n == 4 else flat_link(1, 0.0, 1.0) for n in shape])
+    dp = solve_intra_op(mlp_training_graph(1024, 128, layers), mesh, SLOW_FLOPS)
+    assert comm(dp) == pytest.approx(layers * ar(128 * 128 * 4, link), rel=1e-6)
+    mp = solve_intra_op(mlp_training_graph(128, 1024, layers), mesh, SLOW_FLOPS)
+    assert comm(mp) == pytest.approx((layers - 1) * ar(128 * 1024 * 4, link), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (8, 4)])
+@pytest.mark.parametrize("layers", [2, 5])
+def test_mlp_oracle_2d(shape, layers):
+    links = [flat_link(shape[0], 0.0, 1.0), flat_link(shape[1], 0.0, 100.0)]
+    mesh = mesh_from_links(shape, links)
+    batch, hidden = 128, 1024
+    sol = solve_intra_op(mlp_training_graph(batch, hidden, layers), mesh, SLOW_FLOPS)
+    expected = layers * ar(hidden * hidden * 4 / shape[1], links[0]) + (layers - 1) * ar(
+        batch * hidden * 4 / shape[0], links[1]
+    )
+    # Alpa's 2-D plan (batch on axis 0, Megatron on axis 1) is in our space; our space is
+    # larger (2-D weight splits, reduce-scatters), so the ILP may only do better.
+    assert comm(sol) <= expected * (1 + 1e-6)
+
+
+def test_brute_force_agrees_on_small_graph():
+    graph = mlp_training_graph(8, 16, 1)
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(2))[0]
+    sol = solve_intra_op(graph, mesh, cluster)
+    ctx = StrategyContext(cluster.device)
+    nodes = list(graph)
+    sources = {v.name: [s for s in all_specs(shape_of(v), mesh)] for v in graph.inputs}
+    best = float("inf")
+    src_names = list(sources)
+    options = [strategies_for(n, mesh, ctx) for n in nodes]
+    for src_choice in itertools.product(*sources.values()):
+        spec = dict(zip(src_names, src_choice, strict=True))
+        for choice in itertools.product(*options):
+            total = 0.0
+            out = dict(spec)
+            for node, s in zip(nodes, choice, strict=True):
+                total += s.cost
+                for v, want in zip(node.inputs, s.inputs, strict=True):
+                    total += resharding_cost(out[v.name], want, shape_of(v), 4, mesh)[0]
+                out[node.outputs[0].name] = s.outputs[0]
+            for v in graph.outputs:  # in-place updates must land in the parameter's spec
+                target = spec[v.metadata_props["alpa.updates"]]
+                total += resharding_cost(out[v.name], target, shape_of(v), 4, mesh)[0]
+            best = min(best, total)
+    assert sol.stats.objective == pytest.approx(best, rel=1e-6)
+
+
+def test_methods_force_the_same_ilp():
+    graph = mlp_training_graph(64, 32, 2)
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(4))[2]
+    data = solve_intra_op(graph, mesh, cluster, IntraOpOptions(method="data"))
+    assert data.mesh.shape == (4,)
+    assert str(data.specs["w0"]) == "R,R" and str(data.specs["x"]) == "S0,R"
+    zero3 = solve_intra_op(graph, mesh, cluster, IntraOpOptions(method="zero3"))
+    assert not zero3.specs["w0"].is_replicated()
+    assert zero3.memory["params"] < data.memory["params"]
+    free = solve_intra_op(graph, mesh, cluster)
+    assert free.stats.objective <= data.stats.objective + 1e-12
+
+
+def test_deterministic_and_reports_stats():
+    graph = mlp_training_graph(64, 256, 3)
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(8))[2]
+    a = solve_intra_op(graph, mesh, cluster)
+    b = solve_intra_op(graph, mesh, cluster)
+    assert {k: s.name for k, s in a.strategies.items()} == {
+        k: s.name for k, s in b.strategies.items()
+    }
+    s = a.stats
+    assert s.status == "Optimal" and s.num_vars > 0 and s.num_constraints > 0
+    assert s.mip_gap <= 1e-3 and s.lp_bound <= s.objective + 1e-12
+    assert a.total == pytest.approx(s.objective, rel=1e-6)
+
+
+def test_memory_budget_is_respected():
+    graph = mlp_training_graph(64, 512, 2)
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(4))[0]
+    free = solve_intra_op(graph, mesh, cluster)
+    budget = free.memory["params"] / 2
+    tight = solve_intra_op(graph, mesh, cluster, IntraOpOptions(memory_budget=budget * 3))
+    assert tight.memory["params"] <= budget * 3
+
+
+def _gpt2_training(dims):
+    model = import_model("tests/fixtures/gpt2.ts.onnx", ImportOptions(dims=dims))
+    return build_training_step(model, TrainingOptions(loss="cross_entropy", labels="auto"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="one alpha per gradient all-reduce (no bucketing) "
+    "makes 24 small grad all-reduces dearer than replicated tiny GEMMs",
+)
+def test_large_batch_small_hidden_is_data_parallel():
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(8))[1]  # 1 x 8
+    sol = solve_intra_op(_gpt2_training({"batch": 256, "seq": 64}).graph, mesh, cluster)
+    gemms = {k: s for k, s in sol.strategies.items() if k.endswith("c_fc/Gemm")}
+    assert gemms and all(str(s.inputs[0]).startswith("S1") for s in gemms.values())
+    assert all(s.inputs[1].is_replicated() for s in gemms.values())
+
+
+def test_megatron_pattern_on_gpt3_2_6b():
+    cluster = resolve_cluster("p3.16xlarge")
+    mesh = logical_meshes(cluster, range(8))[1]  # 1 x 8, batch 1 x seq 1024, h = 2560
+    model = build_training_step(
+        import_model("tests/fixtures/gpt3-2.6b.graph.onnx"),
+        TrainingOptions(loss="cross_entropy", labels="auto"),
+    )
+    sol = solve_intra_op(model.graph, mesh, cluster)
+    assert sol.stats.mip_gap <= 1e-3
+    weights = {}
+    for name, s in sol.strategies.items():
+        node = model.graph.node(name)
+        if node.op_type == "Gemm" and node.metadata_props.get("alpa.phase") == "forward":
+            weights[node.inputs[1].name] = s
+    for w, s in weights.items():
+        if ".c_attn." in w or ".c_fc." in w:  # column split, no communication
+            assert str(s.inputs[1]) == "R,S1" and not s.collectives, (w, s.name)
+        elif ".c_proj." in w:  # row split, one all-reduce
+            assert str(s.inputs[1]) == "S1,R", (w, s.name)
+            assert [c.kind for c in s.collectives] == ["all_reduce"]
+    assert len(weights) == 4 * 32
