@@ -186,6 +186,42 @@ def diff_cmd(a: str, b: str, as_json: bool) -> None:
     sys.exit(0 if data["equal"] else 1)
 
 
+@main.command("run")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX file the plan was compiled from.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="Global batch as .npz (one array per data input); synthetic when omitted.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Run report JSON [default: PLAN with .run.json].")
+@user_errors
+def run_cmd(plan: str, model: str, steps: int, data: str | None, report: str | None) -> None:
+    """Train with PLAN on its ranks (mpiexec, or the MPI/Slurm job this runs in): loss per
+    step, throughput, and a report of predicted vs measured time per stage."""
+    from pathlib import Path
+
+    from runtime.launch import launch
+
+    report = report or str(Path(plan).with_suffix(".run.json"))
+    sys.exit(launch(plan, model, steps, data, report, verify=False))
+
+
+@main.command("verify")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX file the plan was compiled from.")
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="Global batch as .npz; synthetic when omitted.")
+@user_errors
+def verify_cmd(plan: str, model: str, data: str | None) -> None:
+    """One training step with PLAN vs on one rank: loss, gradients and updated parameters
+    must agree (fp32 relative error <= 1e-5); exit 1 naming the first tensor that differs."""
+    from runtime.launch import launch
+
+    sys.exit(launch(plan, model, 1, data, None, verify=True))
+
+
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of plan files."""
@@ -335,6 +371,38 @@ def compile_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, mic
         f"/device, MFU {p.mfu:.1%}; planned in {result.timings['total_s']:.1f} s "
         f"({result.solves} ILPs)"
     )
+
+
+@main.command("compare")
+@click.argument("model", type=click.Path(dir_okay=False))
+@compile_options
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@user_errors
+def compare_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, microbatches,
+                schedule, layers, time_limit, as_json, **training) -> None:
+    """Every method and the best Megatron dp x tp x pp point, under one cost model."""
+    from cost_models.cluster import resolve_cluster
+    from planner.compare import compare, rows_json
+
+    cluster = resolve_cluster(cluster_spec)
+    opts = _compile_options("auto", mode, global_batch, microbatches, schedule, layers,
+                            time_limit, None, None, None, training)
+    rows = compare(model, import_options(dims, input_shapes), cluster, opts)
+    if as_json:
+        click.echo(json.dumps(rows_json(rows), indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("method", "configuration", "iteration", "peak mem/device", "MFU", "feasible",
+                  title=f"{model} on {cluster.name} ({cluster.num_devices} devices)")
+    for r in rows:
+        table.add_row(
+            r.method, r.configuration,
+            f"{r.iteration_time * 1e3:.4g} ms" if r.iteration_time is not None else "-",
+            f"{r.peak_memory / 2**30:.3g} GiB" if r.peak_memory is not None else "-",
+            f"{r.mfu:.1%}" if r.mfu is not None else "-", "yes" if r.feasible else "no")
+    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Candidate:
     stages: list[StagePick]
     latency: float
     dp_optimum: float | None
+    peak_memory: float
 
 
 @dataclass
@@ -230,6 +231,7 @@ def _plan_auto(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
     width = max(len(c) for c in configs)
     stage = np.full((num, num, len(shapes), width), np.inf)
     summed = np.full_like(stage, np.inf)
+    step = np.full_like(stage, np.inf)
     inflight = np.full(stage.shape, -1, dtype=np.int64)
     for m, (shape, meshes) in enumerate(zip(shapes, configs, strict=True)):
         share = shape[0] * shape[1] / cluster.num_devices
@@ -246,9 +248,16 @@ def _plan_auto(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
             rc = range_costs(costs, mesh, cut, balanced)
             stage[:, :, m, c] = rc.per_microbatch
             summed[:, :, m, c] = rc.per_microbatch + rc.per_step
+            step[:, :, m, c] = rc.per_step
             inflight[:, :, m, c] = _max_inflight(rc, _memory_limit(cluster))
+    def exact(choices: list[StageChoice]) -> float:
+        """T = sum t + (B-1) max t + max u: the update runs once per step, in parallel."""
+        t = [stage[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
+        u = [step[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
+        return sum(t) + (microbatches - 1) * max(t) + max(u)
+
     result = stage_dp(stage, summed, inflight, [a * b for a, b in shapes], cluster.num_devices,
-                      microbatches)
+                      microbatches, score=exact)
     if result is None:
         return None
     devices = place_stages(cluster, [shapes[s.submesh] for s in result.stages])
@@ -309,6 +318,18 @@ def _megatron_stages(costs: StageCostModel, cluster: Cluster, dp: int, tp: int,
     return picks
 
 
+def megatron_grid(cluster: Cluster, num_layers: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) with dp*tp*pp = devices, tp dividing a host, pp <= layers."""
+    grid = []
+    for tp in range(1, cluster.devices_per_host + 1):
+        if cluster.devices_per_host % tp:
+            continue
+        for pp in range(1, min(num_layers, cluster.num_devices // tp) + 1):
+            if (cluster.num_devices // tp) % pp == 0:
+                grid.append((cluster.num_devices // (tp * pp), tp, pp))
+    return grid
+
+
 def _pipeline_latency(costs: StageCostModel, picks: list[StagePick], cut: np.ndarray,
                       microbatches: int) -> tuple[float, list[tuple[float, float]]]:
     times = []
@@ -319,38 +340,135 @@ def _pipeline_latency(costs: StageCostModel, picks: list[StagePick], cut: np.nda
     return t + max(b for _, b in times), times
 
 
-def _plan_candidate(path: str, options: ImportOptions, cluster: Cluster, opts: CompileOptions,
-                    microbatches: int, progress: Callable[[], None] | None) -> Candidate | None:
-    model = import_model(path, options)
-    graph = (build_training_step(model, opts.training) if opts.mode == "train" else model).graph
-    if opts.megatron is not None and opts.layers is None:
-        layer_count = max(opts.megatron[2], 1)
-        layers = assign_layers(graph, max(layer_count, _auto_count(graph)))
-    else:
-        layers = assign_layers(graph, opts.layers)
-    method = "shard" if opts.method in ("auto", "megatron") else opts.method
-    costs = StageCostModel(graph, layers, cluster, method=method, time_limit=opts.time_limit,
-                           progress=progress)
-    cut = crossing_bytes(graph, layers)
-    dp_optimum = None
-    if opts.method == "auto":
-        found = _plan_auto(costs, cluster, cut, microbatches)
-        if found is None:
-            return None
-        picks, dp_optimum = found
-    elif opts.method == "megatron":
-        picks = _megatron_stages(costs, cluster, *opts.megatron)
-    else:
-        picks, _ = _single_stage(costs, cluster, cut, microbatches, opts.method)
-    latency, _ = _pipeline_latency(costs, picks, cut, microbatches)
-    return Candidate(microbatches, graph, model, options, layers, costs, picks, latency,
-                     dp_optimum)
+def stage_peaks(costs: StageCostModel, picks: list[StagePick], cut: np.ndarray,
+                microbatches: int) -> list[float]:
+    """Per-device peak bytes of each stage: state + in-flight stashes (1F1B) + working set."""
+    peaks = []
+    for s, p in enumerate(picks):
+        rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
+        i, j = p.start, p.stop - 1
+        inflight = min(len(picks) - s, microbatches)
+        peaks.append(float(rc.static_memory[i, j] + inflight * rc.stash_memory[i, j]
+                           + rc.transient_memory[i, j]))
+    return peaks
 
 
-def _auto_count(graph: ir.Graph) -> int:
-    from planner.layers import auto_layer_count, forward_nodes
+# ---------------------------------------------------------------------------------------------
+# A planning session: graphs and layer solves shared by every method and grid point
 
-    return auto_layer_count(forward_nodes(graph))
+
+@dataclass
+class Prepared:
+    """The micro-batch graph for one micro-batch count, clustered into layers."""
+
+    microbatches: int
+    import_options: ImportOptions
+    model: ir.Model
+    graph: ir.Graph
+    layers: list[Layer]
+    cut: np.ndarray
+    costs: dict[str, StageCostModel] = field(default_factory=dict)
+
+
+class Session:
+    """Plans one model on one cluster; caches graphs per micro-batch count and layer solves
+    per intra-op method, so `compare` prices dozens of configurations for a few ILPs."""
+
+    def __init__(self, path: str, import_options: ImportOptions, cluster: Cluster,
+                 opts: CompileOptions, progress: Callable[[], None] | None = None) -> None:
+        if opts.method not in METHODS:
+            raise UserError(f"unknown --method {opts.method!r}: use one of {', '.join(METHODS)}")
+        self.path, self.cluster, self.opts, self.progress = path, cluster, opts, progress
+        self.import_options = import_options
+        bound, self.batch_name = _batch_binding(path, import_options)
+        self.bound = bound
+        self.global_batch = opts.global_batch or bound
+        self.counts = _microbatch_candidates(self.global_batch, bound,
+                                             self.batch_name is not None, opts.microbatches)
+        self._prepared: dict[int, Prepared] = {}
+
+    def prepared(self, count: int) -> Prepared:
+        if count not in self._prepared:
+            micro = self.global_batch // count if self.batch_name else self.bound
+            options = _microbatch_import(self.path, self.import_options, self.batch_name, micro)
+            model = import_model(self.path, options)
+            graph = (build_training_step(model, self.opts.training)
+                     if self.opts.mode == "train" else model).graph
+            layers = assign_layers(graph, self.opts.layers)
+            self._prepared[count] = Prepared(count, options, model, graph, layers,
+                                             crossing_bytes(graph, layers))
+        return self._prepared[count]
+
+    def costs(self, prep: Prepared, method: str) -> StageCostModel:
+        if method not in prep.costs:
+            prep.costs[method] = StageCostModel(
+                prep.graph, prep.layers, self.cluster, method=method,
+                time_limit=self.opts.time_limit, progress=self.progress)
+        return prep.costs[method]
+
+    def solves(self) -> int:
+        return sum(c.solves for p in self._prepared.values() for c in p.costs.values())
+
+    def plan(self, method: str, count: int,
+             megatron: tuple[int, int, int] | None = None) -> Candidate | None:
+        """The best plan for one method and micro-batch count; None if nothing fits."""
+        prep = self.prepared(count)
+        intra = {"auto": "shard", "megatron": "shard"}.get(method, method)
+        costs = self.costs(prep, intra)
+        dp_optimum = None
+        if method == "auto":
+            found = _plan_auto(costs, self.cluster, prep.cut, count)
+            if found is None:
+                return None
+            picks, dp_optimum = found
+        elif method == "megatron":
+            picks = _megatron_stages(costs, self.cluster, *megatron)
+        else:
+            picks, _ = _single_stage(costs, self.cluster, prep.cut, count, method)
+        latency, _ = _pipeline_latency(costs, picks, prep.cut, count)
+        peak = max(stage_peaks(costs, picks, prep.cut, count))
+        if method == "auto":  # uniform (Megatron-shaped) stagings are in auto's space too
+            for point in megatron_grid(self.cluster, len(prep.layers)):
+                grid = _megatron_stages(costs, self.cluster, *point)
+                t, _ = _pipeline_latency(costs, grid, prep.cut, count)
+                if t < latency - 1e-15:
+                    grid_peak = max(stage_peaks(costs, grid, prep.cut, count))
+                    if grid_peak <= self.cluster.device.memory_bytes:
+                        picks, latency, peak = grid, t, grid_peak
+        return Candidate(count, prep.graph, prep.model, prep.import_options, prep.layers, costs,
+                         picks, latency, dp_optimum, peak)
+
+    def best(self, method: str, megatron: tuple[int, int, int] | None = None
+             ) -> tuple[Candidate | None, float]:
+        """Best feasible candidate over the micro-batch counts, and the least memory any
+        candidate needed (for the does-not-fit message)."""
+        best, need = None, math.inf
+        for count in self.counts:
+            cand = self.plan(method, count, megatron)
+            if cand is None:
+                need = min(need, self._least_memory(count))
+                continue
+            need = min(need, cand.peak_memory)
+            if cand.peak_memory > self.cluster.device.memory_bytes:
+                continue
+            if best is None or cand.latency < best.latency - 1e-15:
+                best = cand
+        return best, need
+
+    def _least_memory(self, count: int) -> float:
+        """Memory of the whole model fully sharded (zero3) over the whole cluster."""
+        prep = self.prepared(count)
+        costs = self.costs(prep, "zero3")
+        picks, _ = _single_stage(costs, self.cluster, prep.cut, count, "zero3")
+        return max(stage_peaks(costs, picks, prep.cut, count))
+
+
+def does_not_fit(need: float, cluster: Cluster) -> UserError:
+    gib = 2**30
+    return UserError(
+        f"does not fit: needs {need / gib:.1f} GiB per device, has "
+        f"{cluster.device.memory_bytes / gib:.1f} GiB: use more or larger devices, a smaller "
+        "batch, or more micro-batches")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,50 +480,15 @@ def compile_plan(path: str, import_options: ImportOptions, cluster: Cluster,
                  ) -> CompileResult:
     import time
 
-    if opts.method not in METHODS:
-        raise UserError(f"unknown --method {opts.method!r}: use one of {', '.join(METHODS)}")
     if opts.method == "megatron" and opts.megatron is None:
         raise UserError("--method megatron needs --dp A --tp B --pp C")
     start = time.perf_counter()
-    bound, batch_name = _batch_binding(path, import_options)
-    global_batch = opts.global_batch or bound
-    if batch_name is None:
-        counts = _microbatch_candidates(global_batch, bound, False, opts.microbatches)
-    else:
-        counts = _microbatch_candidates(global_batch, bound, True, opts.microbatches)
-    best: Candidate | None = None
-    for count in counts:
-        micro = global_batch // count if batch_name else bound
-        options = _microbatch_import(path, import_options, batch_name, micro)
-        cand = _plan_candidate(path, options, cluster, opts, count, progress)
-        if cand is not None and (best is None or cand.latency < best.latency - 1e-15):
-            best = cand
+    session = Session(path, import_options, cluster, opts, progress)
+    best, need = session.best(opts.method, opts.megatron)
     if best is None:
-        raise UserError(_does_not_fit(path, import_options, batch_name, global_batch,
-                                      counts[-1], cluster, opts))
-    plan = build_plan(path, best, cluster, opts, global_batch)
-    return CompileResult(plan, {"total_s": time.perf_counter() - start}, best.costs.solves)
-
-
-def _does_not_fit(path, import_options, batch_name, global_batch, count, cluster,
-                  opts) -> str:
-    micro = global_batch // count if batch_name else None
-    options = _microbatch_import(path, import_options, batch_name, micro) if micro else \
-        import_options
-    model = import_model(path, options)
-    graph = (build_training_step(model, opts.training) if opts.mode == "train" else model).graph
-    layers = assign_layers(graph, opts.layers)
-    costs = StageCostModel(graph, layers, cluster, method="zero3")
-    devices = tuple(range(cluster.num_devices))
-    mesh = make_mesh(cluster, devices, (len(devices),))
-    cut = crossing_bytes(graph, layers)
-    rc = range_costs(costs, mesh, cut, lambda i, j: True)
-    need = rc.static_memory[0, -1] + rc.stash_memory[0, -1] + rc.transient_memory[0, -1]
-    gib = 2**30
-    return (f"does not fit: needs {need / gib:.1f} GiB per device, has "
-            f"{cluster.device.memory_bytes / gib:.1f} GiB (even fully sharded over "
-            f"{cluster.num_devices} devices with {count} micro-batches): use more or larger "
-            "devices, or a smaller batch")
+        raise does_not_fit(need, cluster)
+    plan = build_plan(path, best, cluster, opts, session.global_batch)
+    return CompileResult(plan, {"total_s": time.perf_counter() - start}, session.solves())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,15 +559,16 @@ def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOption
                 communication=strategy.comm,
                 alternatives=_alternatives(strategy, sol.alternatives[rep]),
             )
+            rep_inputs = costs.nodes[rep].inputs
             for slot, value in enumerate(node.inputs):
                 if value is None:
                     continue
-                spec = strategy.inputs[slot]
                 producer = value.producer()
-                if role_of(value) is Role.PARAM:
-                    params.setdefault(value.name, str(spec))
+                if role_of(value) in (Role.PARAM, Role.OPT_STATE):
+                    # the tensor's own (stored) spec, not what this consumer reads it as
+                    params.setdefault(value.name, str(sol.specs[rep_inputs[slot].name]))
                 elif producer is None or stage_of_node[producer.name] != s:
-                    inputs.setdefault(value.name, str(spec))
+                    inputs.setdefault(value.name, str(strategy.inputs[slot]))
             for j, out in enumerate(node.outputs):
                 readers = {stage_of_node[u.node.name] for u in out.uses()}
                 if readers - {s} or out in graph.outputs:

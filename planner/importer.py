@@ -119,12 +119,29 @@ def import_model(path: str | Path, options: ImportOptions | None = None) -> ir.M
     InlinePass()(model)
     RemoveInitializersFromInputsPass()(model)
     _sequence_splits_to_split(model.graph)
+    _cast_like_to_cast(model.graph)
     _check_ops(model.graph)
     _bind_inputs(model.graph, options)
     _assign_roles(model.graph)
     _tie_duplicated_parameters(model.graph)
     _make_static(model)
     return model
+
+
+def _cast_like_to_cast(graph: ir.Graph) -> None:
+    """``CastLike(x, like)`` reads only the dtype of ``like``, which is static: make it a
+    ``Cast`` so that sharding never has to move ``like`` to where ``x`` is."""
+    for node in list(graph):
+        like = node.inputs[1] if node.op_type == "CastLike" and len(node.inputs) > 1 else None
+        if like is None or like.dtype is None:
+            continue
+        cast = ir.Node("", "Cast", [node.inputs[0]], attributes=[ir.AttrInt64("to", like.dtype)],
+                       name=node.name)
+        graph.insert_before(node, cast)
+        out = cast.outputs[0]
+        out.name, out.type = node.outputs[0].name, node.outputs[0].type
+        node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
 
 
 def _constant_ints(value: ir.Value | None) -> list[int] | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import onnx_ir as ir
@@ -41,9 +40,9 @@ from planner.ilp import Column, Ilp, IlpStats
 from planner.mesh import LogicalMesh
 from planner.sharding import ReshardStep, ShardingSpec, resharding_cost
 from planner.strategies import Strategy, StrategyContext, is_follower, strategies_for
-from planner.strategies.base import all_specs, local_bytes
+from planner.strategies.base import all_specs
 
-METHODS = ("shard", "data", "zero2", "zero3")
+METHODS = ("shard", "data", "zero2", "zero3", "megatron")
 PHASE_KEY = "alpa.phase"
 UPDATES_KEY = "alpa.updates"
 
@@ -53,6 +52,9 @@ class IntraOpOptions:
     method: str = "shard"
     memory_budget: float | None = None  # bytes per device
     time_limit: float | None = 60.0  # seconds; the best solution found is returned
+    # Objective weight of once-per-step costs (update nodes, gradient synchronisation) against
+    # per-micro-batch ones: 1 / micro-batches under gradient accumulation.
+    step_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class EdgeReshard:
 
 @dataclass
 class IntraOpSolution:
+    """Chosen strategies and their unweighted seconds: ``total`` = one micro-batch plus one
+    step's ``per_step`` part (update nodes, gradient synchronisation, resharding into them)."""
+
     mesh: LogicalMesh
     method: str
     strategies: dict[str, Strategy]  # node name -> chosen strategy
@@ -78,6 +83,7 @@ class IntraOpSolution:
     compute: float
     communication: float
     resharding: float
+    per_step: float  # the part of compute + communication + resharding paid once per step
     memory: dict[str, float]  # params, grads, opt_state, activations: bytes per device
     stats: IlpStats
     notes: list[str] = field(default_factory=list)
@@ -85,6 +91,10 @@ class IntraOpSolution:
     @property
     def total(self) -> float:
         return self.compute + self.communication + self.resharding
+
+    @property
+    def per_microbatch(self) -> float:
+        return self.total - self.per_step
 
 
 @dataclass
@@ -95,32 +105,73 @@ class _Vertex:
     node: ir.Node | None = None
     value: ir.Value | None = None
     inputs: list[tuple[int, int] | None] = field(default_factory=list)  # (vertex, output)
+    # Which of (compute, comm, resharding into it) happen once per step, not per micro-batch.
+    once: tuple[bool, bool, bool] = (False, False, False)
+
+    def input_values(self) -> list[ir.Value | None]:
+        if self.node is not None:
+            return list(self.node.inputs)
+        return [self.value] if self.kind == "sink" else []
 
 
-@lru_cache(maxsize=1 << 16)
-def _reshard(
-    src: ShardingSpec, dst: ShardingSpec, shape: tuple[int, ...], nbytes: int, mesh: LogicalMesh
-) -> tuple[float, tuple[ReshardStep, ...]]:
-    seconds, steps = resharding_cost(src, dst, shape, nbytes, mesh)
-    return seconds, tuple(steps)
+class _ReshardTable:
+    """Memoized resharding programs on one mesh: a pure function of (src, dst, shape, bytes)."""
+
+    LIMIT = 1 << 18
+
+    def __init__(self, mesh: LogicalMesh) -> None:
+        self.mesh = mesh
+        self.programs: dict[tuple, tuple[float, tuple[ReshardStep, ...]]] = {}
+
+    def program(
+        self, src: ShardingSpec, dst: ShardingSpec, shape: tuple[int, ...], nbytes: int
+    ) -> tuple[float, tuple[ReshardStep, ...]]:
+        key = (src, dst, shape, nbytes)
+        hit = self.programs.get(key)
+        if hit is None:
+            if len(self.programs) >= self.LIMIT:
+                self.programs.clear()
+            seconds, steps = resharding_cost(src, dst, shape, nbytes, self.mesh)
+            hit = self.programs[key] = (seconds, tuple(steps))
+        return hit
+
+    def matrix(self, srcs: Sequence, dsts: Sequence, tensor: tuple) -> np.ndarray:
+        """[i, j] = seconds turning ``srcs[i]`` into ``dsts[j]``."""
+        out = np.empty((len(srcs), len(dsts)))
+        for i, a in enumerate(srcs):
+            for j, b in enumerate(dsts):
+                out[i, j] = self.program(a, b, *tensor)[0]
+        return out
+
+    def pairs(
+        self, srcs: Sequence, a: np.ndarray, dsts: Sequence, b: np.ndarray, tensor: tuple
+    ) -> np.ndarray:
+        """Seconds of ``srcs[a[k]] -> dsts[b[k]]`` for every k, each distinct pair once."""
+        flat = a * len(dsts) + b
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        cost = np.array(
+            [self.program(srcs[f // len(dsts)], dsts[f % len(dsts)], *tensor)[0] for f in uniq]
+        )
+        return cost[inverse.reshape(-1)]
 
 
-def _edge_cost(value: ir.Value, src: ShardingSpec, dst: ShardingSpec, mesh: LogicalMesh) -> float:
-    return _reshard(src, dst, shape_of(value), itemsize(value.dtype), mesh)[0]
+_TABLES: dict[LogicalMesh, _ReshardTable] = {}
 
 
-def _spec_strategy(
-    spec: ShardingSpec, value: ir.Value, mesh: LogicalMesh, sink: bool = False
-) -> Strategy:
-    mem = 0.0 if sink else local_bytes(value, spec, mesh)
-    return Strategy(
-        str(spec) or "scalar",
-        (spec,) if sink else (),
-        () if sink else (spec,),
-        0.0,
-        0.0,
-        memory=mem,
-    )
+def _table(mesh: LogicalMesh) -> _ReshardTable:
+    table = _TABLES.get(mesh)
+    if table is None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        table = _TABLES[mesh] = _ReshardTable(mesh)
+    return table
+
+
+def _index(specs: Sequence) -> tuple[list, np.ndarray]:
+    """Distinct specs in first-seen order, and each entry's position among them."""
+    keys: dict = {}
+    idx = [keys.setdefault(s, len(keys)) for s in specs]
+    return list(keys), np.array(idx, dtype=np.intp)
 
 
 class _Builder:
@@ -128,6 +179,9 @@ class _Builder:
         self, nodes: list[ir.Node], mesh: LogicalMesh, cluster: Cluster, options: IntraOpOptions
     ) -> None:
         self.mesh, self.options, self.notes = mesh, options, []
+        self.method = "data" if options.method == "megatron" and mesh.ndim == 1 else options.method
+        self.table = _table(mesh)
+        self.facts: dict[int, tuple[tuple[int, ...], int]] = {}
         self.vertices: list[_Vertex] = []
         self.producer: dict[int, tuple[int, int]] = {}  # id(value) -> (vertex, output)
         self.source_of: dict[str, int] = {}
@@ -137,13 +191,16 @@ class _Builder:
                 if v is not None and (v.producer() is None or id(v.producer()) not in inside):
                     self._source(v)
         for i, node in enumerate(nodes):
-            ctx = StrategyContext(cluster.device, reduce_scatter=self._wants_rs(node))
+            grads = [role_of(o) is Role.GRAD for o in node.outputs]
+            update = node.metadata_props.get(PHASE_KEY) == "update"
+            ctx = StrategyContext(cluster.device, reduce_scatter=self._wants_rs(node, any(grads)))
             vid = self._add(
                 _Vertex(
                     node.name or f"{node.op_type}_{i}",
                     "node",
-                    self._filter_node(node, strategies_for(node, mesh, ctx)),
+                    self._filter_node(node, grads, strategies_for(node, mesh, ctx)),
                     node,
+                    once=(update, update or any(grads), update),
                 )
             )
             for j, out in enumerate(node.outputs):
@@ -157,31 +214,66 @@ class _Builder:
                         _Vertex(
                             f"output:{out.name}",
                             "sink",
-                            [
-                                _spec_strategy(s.outputs[0], out, mesh, sink=True)
-                                for s in sv.strategies
-                            ],
+                            [self._spec_strategy(s.outputs[0], out, True) for s in sv.strategies],
                             value=out,
+                            once=(False, False, True),
                         )
                     )
         for vx in self.vertices:
-            ins = (
-                [vx.node.inputs[i] for i in range(len(vx.node.inputs))]
-                if vx.node
-                else ([vx.value] if vx.kind == "sink" else [])
-            )
-            vx.inputs = [None if v is None else self.producer.get(id(v)) for v in ins]
+            vx.inputs = [None if v is None else self.producer.get(id(v)) for v in vx.input_values()]
+        self._tabulate()
+
+    def tensor(self, value: ir.Value) -> tuple[tuple[int, ...], int]:
+        """(shape, bytes per element) of a value, looked up once per solve."""
+        hit = self.facts.get(id(value))
+        if hit is None:
+            hit = self.facts[id(value)] = (shape_of(value), itemsize(value.dtype))
+        return hit
+
+    def local_bytes(self, value: ir.Value, spec: ShardingSpec) -> float:
+        shape, size = self.tensor(value)
+        return math.prod(shape) * size / spec.shards(self.mesh.shape)
+
+    def _tabulate(self) -> None:
+        """Per vertex: cost arrays over its strategies and, per input / output, the distinct
+        specs and each strategy's index into them (edges are costed per distinct pair)."""
+        self.compute, self.comm, self.cost = [], [], []
+        self.in_keys, self.in_idx, self.out_keys, self.out_idx = [], [], [], []
+        for vx in self.vertices:
+            compute = np.array([s.compute for s in vx.strategies])
+            comm = np.array([s.comm for s in vx.strategies])
+            self.compute.append(compute)
+            self.comm.append(comm)
+            self.cost.append(compute + comm)
+            ins = [_index([s.inputs[i] for s in vx.strategies]) for i in range(len(vx.inputs))]
+            n_out = len(vx.strategies[0].outputs)
+            outs = [_index([s.outputs[j] for s in vx.strategies]) for j in range(n_out)]
+            self.in_keys.append([k for k, _ in ins])
+            self.in_idx.append([i for _, i in ins])
+            self.out_keys.append([k for k, _ in outs])
+            self.out_idx.append([i for _, i in outs])
 
     # -- vertices -------------------------------------------------------------------------
     def _add(self, vertex: _Vertex) -> int:
         self.vertices.append(vertex)
         return len(self.vertices) - 1
 
+    def _spec_strategy(self, spec: ShardingSpec, value: ir.Value, sink: bool = False) -> Strategy:
+        mem = 0.0 if sink else self.local_bytes(value, spec)
+        return Strategy(
+            str(spec) or "scalar",
+            (spec,) if sink else (),
+            () if sink else (spec,),
+            0.0,
+            0.0,
+            memory=mem,
+        )
+
     def _source(self, value: ir.Value) -> None:
         if id(value) in self.producer:
             return
         role = role_of(value)
-        shape = shape_of(value)
+        shape = self.tensor(value)[0]
         if role is Role.CONST or value.const_value is not None and role is not Role.PARAM:
             specs = [ShardingSpec.replicated(len(shape))]
         else:
@@ -190,20 +282,18 @@ class _Builder:
             _Vertex(
                 f"input:{value.name}",
                 "source",
-                [_spec_strategy(s, value, self.mesh) for s in specs],
+                [self._spec_strategy(s, value) for s in specs],
                 value=value,
             )
         )
         self.producer[id(value)] = (vid, 0)
         self.source_of[value.name] = vid
 
-    def _wants_rs(self, node: ir.Node) -> bool:
+    def _wants_rs(self, node: ir.Node, grads: bool) -> bool:
         """Reduce-scatter resolutions where gradients are made (backward phase)."""
-        if self.options.method == "data":
+        if self.method == "data":
             return False
-        return node.metadata_props.get(PHASE_KEY) == "backward" or any(
-            role_of(o) is Role.GRAD for o in node.outputs
-        )
+        return node.metadata_props.get(PHASE_KEY) == "backward" or grads
 
     # -- method filters (forcing on the same ILP) ---------------------------------------------
     def _fully_split(self, spec: ShardingSpec) -> bool:
@@ -216,9 +306,11 @@ class _Builder:
         return found
 
     def _filter_source(self, value: ir.Value, role: Role, specs: list[ShardingSpec]):
-        method = self.options.method
+        method = self.method
         if method == "shard":
             return specs
+        if method == "megatron":
+            return self._keep(value.name or "?", specs, self._megatron(role, specs))
         sharded_roles = {
             "data": (),
             "zero2": (Role.OPT_STATE,),
@@ -238,13 +330,19 @@ class _Builder:
             kept = specs
         return self._keep(value.name or "?", specs, kept)
 
-    def _filter_node(self, node: ir.Node, found: list[Strategy]) -> list[Strategy]:
-        if self.options.method not in ("zero2", "zero3"):
+    def _megatron(self, role: Role, specs: list[ShardingSpec]) -> list[ShardingSpec]:
+        """Axis 0 is data parallel: state replicated over it, the batch split over it."""
+        if role in (Role.PARAM, Role.OPT_STATE):
+            return [s for s in specs if 0 not in s.used_axes()]
+        if role is Role.INPUT and specs[0].rank and self.mesh.shape[0] > 1:
+            return [s for s in specs if s.dims[0][:1] == (0,)]
+        return specs
+
+    def _filter_node(self, node: ir.Node, grads: list[bool], found: list[Strategy]):
+        if self.method not in ("zero2", "zero3") or not any(grads):
             return found
-        grads = [j for j, o in enumerate(node.outputs) if role_of(o) is Role.GRAD]
-        if not grads:
-            return found
-        kept = [s for s in found if all(self._fully_split(s.outputs[j]) for j in grads)]
+        outs = [j for j, g in enumerate(grads) if g]
+        kept = [s for s in found if all(self._fully_split(s.outputs[j]) for j in outs)]
         return self._keep(node.name or node.op_type, found, kept)
 
 
@@ -255,7 +353,7 @@ def _follow_slot(builder: _Builder, v: int) -> int | None:
     for i, p in enumerate(vx.inputs):
         if p is None or len(builder.vertices[p[0]].strategies) < 2:
             continue
-        k = (math.prod(shape_of(vx.node.inputs[i])), p[0])
+        k = (math.prod(builder.tensor(vx.node.inputs[i])[0]), p[0])
         if key is None or k > key:
             best, key = i, k
     return best
@@ -266,50 +364,41 @@ class _Groups:
 
     def __init__(self, builder: _Builder) -> None:
         self.b = builder
-        self.group: list[int] = []
-        self.maps: list[np.ndarray] = []
-        self.size: dict[int, int] = {}
-        for v, vx in enumerate(builder.vertices):
-            self.group.append(v)
-            self.maps.append(np.arange(len(vx.strategies)))
-            self.size[v] = len(vx.strategies)
+        self.group: list[int] = list(range(len(builder.vertices)))
+        self.maps: list[np.ndarray] = [np.arange(len(vx.strategies)) for vx in builder.vertices]
+        self.size: dict[int, int] = {v: len(vx.strategies) for v, vx in enumerate(builder.vertices)}
+        self.members: dict[int, int] = dict.fromkeys(self.size, 1)
 
-    def out_spec(self, v: int, out: int, k: int) -> ShardingSpec:
-        return self.b.vertices[v].strategies[self.maps[v][k]].outputs[out]
+    def out_index(self, v: int, out: int) -> np.ndarray:
+        """Per strategy of v's group: the index of output ``out``'s spec among v's keys."""
+        return self.b.out_idx[v][out][self.maps[v]]
+
+    def in_index(self, v: int, slot: int) -> np.ndarray:
+        return self.b.in_idx[v][slot][self.maps[v]]
 
     def merge_follower(self, v: int, slot: int) -> None:
+        # Follow exactly (Alpa copies the operand's spec); convert only when no strategy
+        # takes the spec as it is. Splitting further for cheaper compute would ignore
+        # what the follower's consumers pay, which the ILP cannot see after merging.
         b = self.b
-        vx = b.vertices[v]
-        u, out = vx.inputs[slot]
-        g = self.group[u]
-        value = vx.node.inputs[slot]
-        choice = []
-        for k in range(self.size[g]):
-            src = self.out_spec(u, out, k)
-            # Follow exactly (Alpa copies the operand's spec); convert only when no strategy
-            # takes the spec as it is. Splitting further for cheaper compute would ignore
-            # what the follower's consumers pay, which the ILP cannot see after merging.
-            costs = [
-                (s.inputs[slot] != src, s.cost + _edge_cost(value, src, s.inputs[slot], b.mesh))
-                for s in vx.strategies
-            ]
-            choice.append(min(range(len(costs)), key=costs.__getitem__))
-        self._join(v, g, np.array(choice))
+        u, out = b.vertices[v].inputs[slot]
+        srcs, dsts = b.out_keys[u][out], b.in_keys[v][slot]
+        want = b.in_idx[v][slot]
+        cost = b.cost[v][None, :] + b.table.matrix(
+            srcs, dsts, b.tensor(b.vertices[v].node.inputs[slot])
+        )[:, want]
+        same = np.array([[a == d for d in dsts] for a in srcs], dtype=bool)[:, want]
+        exact = np.where(same, cost, np.inf)
+        best = np.where(same.any(axis=1), exact.argmin(axis=1), cost.argmin(axis=1))
+        self._join(v, self.group[u], best[self.out_index(u, out)])
 
     def merge_into_reader(self, src: int, reader: int, slot: int) -> None:
         b = self.b
-        sx = b.vertices[src]
-        g = self.group[reader]
-        want = [b.vertices[reader].strategies[m].inputs[slot] for m in self.maps[reader]]
-        choice = [
-            int(
-                np.argmin(
-                    [_edge_cost(sx.value, s.outputs[0], w, b.mesh) + s.cost for s in sx.strategies]
-                )
-            )
-            for w in want
-        ]
-        self._join(src, g, np.array(choice))
+        cost = b.cost[src][:, None] + b.table.matrix(
+            b.out_keys[src][0], b.in_keys[reader][slot], b.tensor(b.vertices[src].value)
+        )[b.out_idx[src][0]]
+        best = cost.argmin(axis=0)
+        self._join(src, self.group[reader], best[self.in_index(reader, slot)])
 
     def merge_alias(self, sink: int, src: int) -> None:
         self._join(sink, self.group[src], self.maps[src].copy())
@@ -317,6 +406,7 @@ class _Groups:
     def _join(self, v: int, g: int, mapping: np.ndarray) -> None:
         old = self.group[v]
         del self.size[old]
+        self.members[g] += self.members.pop(old)
         self.group[v] = g
         self.maps[v] = mapping
 
@@ -337,44 +427,46 @@ def _merge(builder: _Builder) -> _Groups:
             if p is not None and verts[p[0]].kind == "source":
                 readers.setdefault(p[0], []).append((v, slot))
     for src, uses in readers.items():
-        alone = [m for m in range(len(verts)) if groups.group[m] == groups.group[src]] == [src]
+        alone = groups.group[src] == src and groups.members[src] == 1
         if len(uses) == 1 and alone and len(verts[src].strategies) > 1:
             groups.merge_into_reader(src, *uses[0])
     return groups
 
 
+def _weights(vx: _Vertex, step_weight: float) -> tuple[float, float, float]:
+    return tuple(step_weight if once else 1.0 for once in vx.once)  # type: ignore[return-value]
+
+
 def _build_ilp(builder: _Builder, groups: _Groups, options: IntraOpOptions) -> tuple[Ilp, dict]:
-    """Columns per group strategy and per edge-family spec pair (see ``planner.ilp``)."""
-    verts, mesh = builder.vertices, builder.mesh
+    """Columns per group strategy and per edge-family spec pair (see ``planner.ilp``);
+    once-per-step costs are weighted by ``options.step_weight``."""
+    b, verts = builder, builder.vertices
     ilp = Ilp()
     node_cost: dict[int, np.ndarray] = {g: np.zeros((k, 3)) for g, k in groups.size.items()}
-    for v, vx in enumerate(verts):
-        g = groups.group[v]
-        for k, m in enumerate(groups.maps[v]):
-            node_cost[g][k, 0] += vx.strategies[m].compute
-            node_cost[g][k, 1] += vx.strategies[m].comm
+    weights = [_weights(vx, options.step_weight) for vx in verts]
+    for v in range(len(verts)):
+        cost, m = node_cost[groups.group[v]], groups.maps[v]
+        cost[:, 0] += b.compute[v][m] * weights[v][0]
+        cost[:, 1] += b.comm[v][m] * weights[v][1]
     families = []
     for v, vx in enumerate(verts):
-        values = vx.node.inputs if vx.node is not None else [vx.value] * len(vx.inputs)
+        values = vx.input_values()
         for slot, p in enumerate(vx.inputs):
             if p is None:
                 continue
             u, out = p
-            value = values[slot]
             gu, gv = groups.group[u], groups.group[v]
-            src = [groups.out_spec(u, out, k) for k in range(groups.size[gu])]
-            dst = [verts[v].strategies[m].inputs[slot] for m in groups.maps[v]]
+            srcs, dsts, tensor = b.out_keys[u][out], b.in_keys[v][slot], b.tensor(values[slot])
+            a, d = groups.out_index(u, out), groups.in_index(v, slot)
+            w = weights[v][2]
             if gu == gv:
-                for k in range(groups.size[gu]):
-                    node_cost[gu][k, 2] += _edge_cost(value, src[k], dst[k], mesh)
+                node_cost[gu][:, 2] += b.table.pairs(srcs, a, dsts, d, tensor) * w
             elif groups.size[gu] == 1:
-                for k in range(groups.size[gv]):
-                    node_cost[gv][k, 2] += _edge_cost(value, src[0], dst[k], mesh)
+                node_cost[gv][:, 2] += b.table.pairs(srcs, a[[0] * len(d)], dsts, d, tensor) * w
             elif groups.size[gv] == 1:
-                for k in range(groups.size[gu]):
-                    node_cost[gu][k, 2] += _edge_cost(value, src[k], dst[0], mesh)
+                node_cost[gu][:, 2] += b.table.pairs(srcs, a, dsts, d[[0] * len(a)], tensor) * w
             else:
-                families.append((value, vx.name, gu, gv, src, dst))
+                families.append((values[slot], vx.name, gu, gv, srcs, a, dsts, d, w))
     cols: dict[int, list[int]] = {}
     for g in sorted(groups.size):
         name = verts[g].name
@@ -386,8 +478,10 @@ def _build_ilp(builder: _Builder, groups: _Groups, options: IntraOpOptions) -> t
             for k in range(groups.size[g])
         ]
         ilp.add_unique_choice(name, cols[g])
-    for value, consumer, gu, gv, src, dst in families:
-        _add_family(ilp, f"{value.name}->{consumer}", value, src, dst, cols[gu], cols[gv], mesh)
+    for value, consumer, gu, gv, srcs, a, dsts, d, w in families:
+        _add_family(
+            ilp, f"{value.name}->{consumer}", b, value, (srcs, a, cols[gu]), (dsts, d, cols[gv]), w
+        )
     if options.memory_budget is not None:
         _add_memory_rows(ilp, builder, groups, cols, options.memory_budget)
     return ilp, cols
@@ -396,34 +490,39 @@ def _build_ilp(builder: _Builder, groups: _Groups, options: IntraOpOptions) -> t
 def _add_family(
     ilp: Ilp,
     name: str,
+    builder: _Builder,
     value: ir.Value,
-    src: list,
-    dst: list,
-    ucols: list[int],
-    vcols: list[int],
-    mesh: LogicalMesh,
+    src: tuple[list, np.ndarray, list[int]],
+    dst: tuple[list, np.ndarray, list[int]],
+    weight: float,
 ) -> None:
-    akeys = list(dict.fromkeys(src))
-    bkeys = list(dict.fromkeys(dst))
-    pair = {}
-    for a, sa in enumerate(akeys):
-        for b, sb in enumerate(bkeys):
-            pair[a, b] = ilp.add_column(
-                Column(
-                    f"e[{name}][{sa}->{sb}]", reshard=_edge_cost(value, sa, sb, mesh), integer=False
-                )
+    """One edge column per distinct (producer spec, consumer spec) pair, and the marginals."""
+    (skeys, a, ucols), (dkeys, d, vcols) = src, dst
+    akeys = list(dict.fromkeys(a.tolist()))
+    bkeys = list(dict.fromkeys(d.tolist()))
+    cost = builder.table.matrix(
+        [skeys[i] for i in akeys], [dkeys[j] for j in bkeys], builder.tensor(value)
+    )
+    atext = [str(skeys[i]) for i in akeys]
+    btext = [str(dkeys[j]) for j in bkeys]
+    first = len(ilp.columns)
+    for i, sa in enumerate(atext):
+        for j, sb in enumerate(btext):
+            ilp.add_column(
+                Column(f"e[{name}][{sa}->{sb}]", reshard=cost[i, j] * weight, integer=False)
             )
-    for a, sa in enumerate(akeys):
+    nb = len(bkeys)
+    for i, key in enumerate(akeys):
         ilp.add_edge_marginal(
-            f"edge_src[{name}][{sa}]",
-            [pair[a, b] for b in range(len(bkeys))],
-            [c for c, s in zip(ucols, src, strict=True) if s == sa],
+            f"edge_src[{name}][{atext[i]}]",
+            list(range(first + i * nb, first + (i + 1) * nb)),
+            [c for c, x in zip(ucols, a.tolist(), strict=True) if x == key],
         )
-    for b, sb in enumerate(bkeys):
+    for j, key in enumerate(bkeys):
         ilp.add_edge_marginal(
-            f"edge_dst[{name}][{sb}]",
-            [pair[a, b] for a in range(len(akeys))],
-            [c for c, s in zip(vcols, dst, strict=True) if s == sb],
+            f"edge_dst[{name}][{btext[j]}]",
+            list(range(first + j, first + len(akeys) * nb, nb)),
+            [c for c, x in zip(vcols, d.tolist(), strict=True) if x == key],
         )
 
 
@@ -462,6 +561,7 @@ def _add_memory_rows(
     """(memory) one row per heavy-op step (Alpa builds rows only where dot/conv run)."""
     steps, life = _lifetimes(builder)
     values = {id(o): o for vx in builder.vertices for o in _outputs(vx)}
+    sizes: dict[int, list[float]] = {}  # value id -> bytes per strategy of its group
     for t, v in enumerate(steps):
         if not is_heavy(builder.vertices[v].node):
             continue
@@ -470,9 +570,11 @@ def _add_memory_rows(
         for vid, (born, death, u, j) in life.items():
             if not born <= t <= death:
                 continue
+            if vid not in sizes:
+                per_key = [builder.local_bytes(values[vid], s) for s in builder.out_keys[u][j]]
+                sizes[vid] = [per_key[i] for i in groups.out_index(u, j).tolist()]
             g = groups.group[u]
-            for k in range(groups.size[g]):
-                nbytes = local_bytes(values[vid], groups.out_spec(u, j, k), builder.mesh)
+            for k, nbytes in enumerate(sizes[vid]):
                 if g in cols:
                     coef[cols[g][k]] = coef.get(cols[g][k], 0.0) + nbytes
                 else:
@@ -489,11 +591,12 @@ def solve_intra_op(
     options: IntraOpOptions | None = None,
 ) -> IntraOpSolution:
     """Choose a strategy per node (and a spec per value) minimising compute + communication
-    + resharding on ``mesh``, under ``options`` (method, memory budget, time limit)."""
+    + resharding on ``mesh``, under ``options`` (method, memory budget, time limit, weight of
+    once-per-step costs)."""
     options = options or IntraOpOptions()
     if options.method not in METHODS:
         raise ValueError(f"unknown method {options.method!r}; use one of {METHODS}")
-    if options.method != "shard":
+    if options.method not in ("shard", "megatron"):
         mesh = mesh.flattened()
     nodes = list(graph)
     builder = _Builder(nodes, mesh, cluster, options)
@@ -513,26 +616,31 @@ def _solution(
     stats: IlpStats,
     options: IntraOpOptions,
 ) -> IntraOpSolution:
-    verts, mesh = builder.vertices, builder.mesh
+    verts = builder.vertices
     chosen = [vx.strategies[groups.maps[v][choice[groups.group[v]]]] for v, vx in enumerate(verts)]
     specs: dict[str, ShardingSpec] = {}
     for v, vx in enumerate(verts):
         for out, spec in zip(_outputs(vx), chosen[v].outputs, strict=True):
             specs[out.name] = spec
     reshards = []
+    per_step = 0.0
     for v, vx in enumerate(verts):
-        values = vx.node.inputs if vx.node is not None else [vx.value] * len(vx.inputs)
+        values = vx.input_values()
         for slot, p in enumerate(vx.inputs):
             if p is None:
                 continue
             src, dst = chosen[p[0]].outputs[p[1]], chosen[v].inputs[slot]
             value = values[slot]
-            seconds, steps = _reshard(src, dst, shape_of(value), itemsize(value.dtype), mesh)
+            seconds, steps = builder.table.program(src, dst, *builder.tensor(value))
             if src != dst:
                 reshards.append(EdgeReshard(value.name, vx.name, src, dst, seconds, steps))
+                per_step += seconds if vx.once[2] else 0.0
     node_ids = [v for v, vx in enumerate(verts) if vx.kind == "node"]
+    for v in node_ids:
+        once = verts[v].once
+        per_step += (chosen[v].compute if once[0] else 0.0) + (chosen[v].comm if once[1] else 0.0)
     return IntraOpSolution(
-        mesh=mesh,
+        mesh=builder.mesh,
         method=options.method,
         strategies={verts[v].name: chosen[v] for v in node_ids},
         alternatives={verts[v].name: verts[v].strategies for v in node_ids},
@@ -541,22 +649,22 @@ def _solution(
         compute=sum(chosen[v].compute for v in node_ids),
         communication=sum(chosen[v].comm for v in node_ids),
         resharding=sum(r.seconds for r in reshards),
-        memory=_memory(builder, chosen, specs),
+        per_step=per_step,
+        memory=_memory(builder, specs),
         stats=stats,
         notes=builder.notes,
     )
 
 
-def _memory(builder: _Builder, chosen: list[Strategy], specs: dict) -> dict[str, float]:
+def _memory(builder: _Builder, specs: dict) -> dict[str, float]:
     """Per-device bytes: persistent tensors by role, activations at their live peak."""
-    mesh = builder.mesh
     out = {"params": 0.0, "grads": 0.0, "opt_state": 0.0, "activations": 0.0}
     key = {Role.PARAM: "params", Role.GRAD: "grads", Role.OPT_STATE: "opt_state"}
     steps, life = _lifetimes(builder)
     live = np.zeros(len(steps) + 1)
     for vx in builder.vertices:
         for o in _outputs(vx):
-            nbytes = local_bytes(o, specs[o.name], mesh)
+            nbytes = builder.local_bytes(o, specs[o.name])
             role = role_of(o)
             if role in key:
                 out[key[role]] += nbytes

@@ -120,8 +120,12 @@ class StagePlan(_Model):
     layers: list[int]
     submesh: Submesh
     logical_mesh: LogicalMeshPlan
-    nodes: dict[str, NodePlan] = Field(description="node name -> plan, in execution order")
-    params: dict[str, str] = Field(description="parameter name -> spec")
+    nodes: dict[str, NodePlan] = Field(
+        description="node name -> plan; nodes run in the training graph's topological order"
+    )
+    params: dict[str, str] = Field(
+        description="parameter and optimizer-state name -> the spec it is stored in"
+    )
     inputs: dict[str, str] = Field(description="tensors entering the stage -> spec")
     outputs: dict[str, str] = Field(description="tensors leaving the stage -> spec")
     compute: float

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.mesh import LogicalMesh
 
@@ -66,8 +67,7 @@ class ShardingSpec:
         return ShardingSpec(tuple(dims), partial)
 
     def __str__(self) -> str:
-        body = ",".join("S" + "".join(map(str, d)) if d else "R" for d in self.dims)
-        return body + ("|P" + "".join(map(str, self.partial)) if self.partial else "")
+        return _spec_text(self.dims, self.partial)
 
     @property
     def rank(self) -> int:
@@ -92,6 +92,12 @@ class ShardingSpec:
             n % math.prod(mesh_shape[a] for a in d) == 0
             for n, d in zip(shape, self.dims, strict=True)
         )
+
+
+@lru_cache(maxsize=1 << 14)
+def _spec_text(dims: tuple[tuple[int, ...], ...], partial: tuple[int, ...]) -> str:
+    body = ",".join("S" + "".join(map(str, d)) if d else "R" for d in dims)
+    return body + ("|P" + "".join(map(str, partial)) if partial else "")
 
 
 def local_shape(

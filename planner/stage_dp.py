@@ -17,6 +17,7 @@ Everything is numpy-vectorised over (i, k, d): the inner step is a min-plus prod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,13 +62,15 @@ def stage_dp(
     submesh_sizes: list[int],
     num_devices: int,
     microbatches: int,
+    score: Callable[[list[StageChoice]], float] | None = None,
 ) -> DPResult | None:
     """Best pipeline, or None when no assignment fits in memory.
 
     stage_cost[i, j, m, c]: per-micro-batch latency of layers i..j on submesh m with logical
     configuration c (inf where impossible); sum_cost: what the stage adds to the sum term
     (stage_cost plus its once-per-step work); max_inflight: micro-batches of activations the
-    stage can hold.
+    stage can hold. ``score`` re-prices each t_max's solution exactly (e.g. with the
+    once-per-step work as a max over stages rather than a sum) and picks by that.
     """
     num_layers = stage_cost.shape[0]
     sizes = np.asarray(submesh_sizes)
@@ -104,7 +107,7 @@ def stage_dp(
             continue
         total, stages = result
         real_max = max(stage_cost[s.start, s.stop - 1, s.submesh, s.config] for s in stages)
-        latency = total + (microbatches - 1) * real_max
+        latency = score(stages) if score else total + (microbatches - 1) * real_max
         if best is None or latency < best.latency - 1e-12:
             best = DPResult(latency=float(latency), stages=tuple(stages), t_max=float(t_max))
     return best

@@ -9,21 +9,25 @@ with the roofline (``cost_models.compute``) and the mesh's alpha-beta model.
 The registry is one dict from ONNX op type to a ``Rule`` (a function plus data traits such as
 ``follows``, which tells the ILP builder the node may be merged into the producer of its
 followed input). Nothing outside this package switches on op types.
+
+Rules are pure functions of what ``op_signature`` records, so ``strategies_for`` memoizes
+them per (signature, mesh, context): the repeated blocks of a transformer share one list.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import onnx_ir as ir
 
 from cost_models.cluster import Device
 from cost_models.compute import op_time
 from planner.flops import node_bytes, node_flops
-from planner.graph import itemsize, shape_of
+from planner.graph import const_array, itemsize, shape_of
 from planner.mesh import LogicalMesh
 from planner.sharding import ShardingSpec, collective_seconds
 
@@ -213,13 +217,20 @@ def all_specs(
     shape: Sequence[int], mesh: LogicalMesh, splittable: Sequence[int] | None = None
 ) -> list[ShardingSpec]:
     """Every valid spec of a tensor (replicated first), optionally over some dims only."""
-    dims = range(len(shape)) if splittable is None else splittable
+    dims = tuple(range(len(shape)) if splittable is None else splittable)
+    return list(_all_specs(tuple(shape), mesh, dims))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _all_specs(
+    shape: tuple[int, ...], mesh: LogicalMesh, dims: tuple[int, ...]
+) -> tuple[ShardingSpec, ...]:
     specs = []
     for assign in axis_assignments([d for d in dims if shape[d] > 1], mesh):
         spec = ShardingSpec(tuple(assign.get(d, ()) for d in range(len(shape))))
         if spec.valid_for(shape, mesh.shape):
             specs.append(spec)
-    return specs
+    return tuple(specs)
 
 
 def dedupe(strategies: Sequence[Strategy]) -> list[Strategy]:
@@ -232,8 +243,52 @@ def dedupe(strategies: Sequence[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
+SMALL_CONST_ELEMENTS = 4096  # constant inputs rules may read (axes, starts, steps, shapes)
+_CACHE_LIMIT = 1 << 14
+_CACHE: dict[tuple, tuple[Strategy, ...]] = {}
+_DEVICE_KEYS: dict[int, tuple[Device, str]] = {}  # id -> (device kept alive, its JSON)
+
+
+def op_signature(node: ir.Node) -> tuple:
+    """Everything a rule may read: op, attributes, each input's shape, dtype, aliasing (which
+    earlier slot holds the same value) and small constant data, each output's shape, dtype."""
+    first: dict[int, int] = {}
+    ins: list[tuple | None] = []
+    for i, v in enumerate(node.inputs):
+        if v is None:
+            ins.append(None)
+            continue
+        shape = shape_of(v)
+        data = None
+        if v.const_value is not None and math.prod(shape) <= SMALL_CONST_ELEMENTS:
+            array = const_array(v)
+            data = None if array is None else (str(array.dtype), array.tobytes())
+        ins.append((shape, v.dtype, first.setdefault(id(v), i), data))
+    outs = tuple((shape_of(o), o.dtype) for o in node.outputs)
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    return (node.domain, node.op_type, attrs, tuple(ins), outs)
+
+
+def _context_key(ctx: StrategyContext) -> tuple:
+    """A hashable stand-in for ``ctx`` (devices hold dicts, so they are keyed by content)."""
+    entry = _DEVICE_KEYS.get(id(ctx.device))
+    if entry is None or entry[0] is not ctx.device:
+        if len(_DEVICE_KEYS) >= 64:
+            _DEVICE_KEYS.clear()
+        entry = _DEVICE_KEYS[id(ctx.device)] = (ctx.device, ctx.device.model_dump_json())
+    return (entry[1], *(getattr(ctx, f.name) for f in fields(ctx) if f.name != "device"))
+
+
 def strategies_for(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
     """The node's candidate strategies; an op without a rule runs replicated, flagged so."""
-    rule = REGISTRY.get(node.op_type)
-    found = dedupe(rule.fn(node, mesh, ctx)) if rule is not None else []
-    return found or [replicated_strategy(node, mesh, ctx, fallback=rule is None)]
+    key = (op_signature(node), mesh, _context_key(ctx))
+    found = _CACHE.get(key)
+    if found is None:
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        rule = REGISTRY.get(node.op_type)
+        made = dedupe(rule.fn(node, mesh, ctx)) if rule is not None else []
+        found = _CACHE[key] = tuple(
+            made or [replicated_strategy(node, mesh, ctx, fallback=rule is None)]
+        )
+    return list(found)

@@ -1,0 +1,248 @@
+"""Communication behind one interface: collectives over device groups and point-to-point.
+
+The executor only talks to ``Communicator``; the CPU backend is MPI (mpi4py + the MPICH
+wheel), a GPU backend implements the same methods with NCCL. Groups are tuples of global
+device ids in the order a spec's axes enumerate them (first axis major), so a gather along a
+split dim concatenates blocks in tensor order.
+
+Every MPI operation is non-blocking and polled against a deadline
+(``ALPA_COMM_TIMEOUT`` seconds, default 120): a dead or stuck peer ends the whole job with a
+message naming this rank, the operation and the peers it waited for; it never hangs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+Group = tuple[int, ...]
+REDUCE_OPS = ("sum", "mean", "max", "min")
+
+
+class Communicator(ABC):
+    """Collectives over groups of global device ids, point-to-point sends, timing."""
+
+    rank: int
+    size: int
+    seconds: float  # wall time spent inside communication since the last reset
+
+    @abstractmethod
+    def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def all_to_all(
+        self, x: np.ndarray, group: Group, split_dim: int, concat_dim: int
+    ) -> np.ndarray: ...
+
+    @abstractmethod
+    def broadcast(self, x: np.ndarray, group: Group, root: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def send(self, x: np.ndarray, dst: int, tag: int) -> None:
+        """Start sending; the buffer is kept alive until ``wait_sends``."""
+
+    @abstractmethod
+    def recv(self, out: np.ndarray, src: int, tag: int) -> None:
+        """Receive into ``out`` (its shape and dtype are the message's)."""
+
+    @abstractmethod
+    def wait_sends(self) -> None: ...
+
+    @abstractmethod
+    def send_object(self, obj: object, dst: int, tag: int) -> None: ...
+
+    @abstractmethod
+    def recv_object(self, src: int, tag: int) -> object: ...
+
+    @abstractmethod
+    def broadcast_object(self, obj: object, root: int) -> object:
+        """World-wide broadcast of a picklable object from ``root``."""
+
+    @abstractmethod
+    def fail(self, message: str) -> None:
+        """Print ``message`` naming this rank and end every rank of the job."""
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+    """C-contiguous without promoting 0-d arrays to 1-d (as np.ascontiguousarray does)."""
+    return x if x.flags.c_contiguous else x.copy(order="C")
+
+
+def _split(x: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
+    if x.shape[dim] % n:
+        raise ValueError(f"{what}: dim {dim} of shape {x.shape} does not split into {n} parts")
+    return contiguous(np.stack(np.split(x, n, axis=dim)))
+
+
+def _mean(total: np.ndarray, n: int) -> np.ndarray:
+    """In place, so a 0-d array stays an array (numpy would return a scalar)."""
+    total /= np.asarray(n, total.dtype)
+    return total
+
+
+class MpiCommunicator(Communicator):
+    """MPI backend: one sub-communicator per group, created up front with ``add_groups``."""
+
+    def __init__(self, timeout: float | None = None):
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.world = MPI.COMM_WORLD
+        self.rank = self.world.Get_rank()
+        self.size = self.world.Get_size()
+        self.timeout = timeout or float(os.environ.get("ALPA_COMM_TIMEOUT", "120"))
+        self.seconds = 0.0
+        self._groups: dict[Group, object] = {}
+        self._sends: list[tuple[object, np.ndarray, int]] = []
+        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+    def add_groups(self, groups: Iterable[Group]) -> None:
+        """Create the sub-communicators of ``groups`` that contain this rank. Every member of a
+        group must list the groups it belongs to in the same order (sorted here)."""
+        world_group = self.world.Get_group()
+        for group in sorted(set(groups)):
+            if self.rank not in group or len(group) == 1 or group in self._groups:
+                continue
+            sub = world_group.Incl(list(group))
+            self._groups[group] = self.world.Create_group(sub)
+            sub.Free()
+        world_group.Free()
+
+    def _comm(self, group: Group):
+        if self.rank not in group:
+            raise ValueError(f"rank {self.rank} is not in group {group}")
+        return self._groups[group]
+
+    def _wait(self, request, what: str, peers: Sequence[int]) -> None:
+        start = time.perf_counter()
+        deadline = start + self.timeout
+        spins = 0
+        while not request.Test():
+            now = time.perf_counter()
+            if now > deadline:
+                self.fail(
+                    f"{what} timed out after {self.timeout:g}s waiting for ranks "
+                    f"{sorted(set(peers) - {self.rank})}"
+                )
+            spins += 1
+            if spins < 200:
+                os.sched_yield()
+            else:
+                time.sleep(min(1e-3, 1e-5 * (spins - 199)))
+        self.seconds += time.perf_counter() - start
+
+    def fail(self, message: str) -> None:
+        sys.stderr.write(f"alpa-plan: rank {self.rank}: {message}; aborting the job\n")
+        sys.stderr.flush()
+        self.world.Abort(1)
+
+    def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray:
+        if len(group) == 1:
+            return x
+        x = contiguous(x)
+        out = np.empty_like(x)
+        self._wait(self._comm(group).Iallreduce(x, out, self._ops[op]), "all_reduce", group)
+        return _mean(out, len(group)) if op == "mean" else out
+
+    def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray:
+        if len(group) == 1:
+            return x
+        x = contiguous(x)
+        out = np.empty((len(group), *x.shape), x.dtype)
+        self._wait(self._comm(group).Iallgather(x, out), "all_gather", group)
+        return np.concatenate(list(out), axis=dim)
+
+    def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray:
+        if len(group) == 1:
+            return x
+        send = _split(x, len(group), dim, "reduce_scatter")
+        out = np.empty(send.shape[1:], x.dtype)
+        request = self._comm(group).Ireduce_scatter_block(send, out, self._ops[op])
+        self._wait(request, "reduce_scatter", group)
+        return _mean(out, len(group)) if op == "mean" else out
+
+    def all_to_all(
+        self, x: np.ndarray, group: Group, split_dim: int, concat_dim: int
+    ) -> np.ndarray:
+        if len(group) == 1:
+            return x
+        send = _split(x, len(group), split_dim, "all_to_all")
+        out = np.empty_like(send)
+        self._wait(self._comm(group).Ialltoall(send, out), "all_to_all", group)
+        return np.concatenate(list(out), axis=concat_dim)
+
+    def broadcast(self, x: np.ndarray, group: Group, root: int) -> np.ndarray:
+        if len(group) == 1:
+            return x
+        out = contiguous(x).copy()
+        self._wait(self._comm(group).Ibcast(out, root=group.index(root)), "broadcast", group)
+        return out
+
+    def send(self, x: np.ndarray, dst: int, tag: int) -> None:
+        x = contiguous(x)
+        self._sends.append((self.world.Isend(x, dst, tag), x, dst))
+
+    def recv(self, out: np.ndarray, src: int, tag: int) -> None:
+        self._wait(self.world.Irecv(out, src, tag), f"recv from rank {src} (tag {tag})", [src])
+
+    def wait_sends(self) -> None:
+        for request, _, dst in self._sends:
+            self._wait(request, f"send to rank {dst}", [dst])
+        self._sends.clear()
+
+    def send_object(self, obj: object, dst: int, tag: int) -> None:
+        payload = np.frombuffer(pickle.dumps(obj, protocol=5), np.uint8)
+        self.send(np.array([payload.size], np.int64), dst, tag)
+        self.send(payload, dst, tag)
+
+    def recv_object(self, src: int, tag: int) -> object:
+        size = np.empty(1, np.int64)
+        self.recv(size, src, tag)
+        payload = np.empty(int(size[0]), np.uint8)
+        self.recv(payload, src, tag)
+        return pickle.loads(payload.tobytes())
+
+    def broadcast_object(self, obj: object, root: int) -> object:
+        everyone = tuple(range(self.size))
+        if self.size == 1:
+            return obj
+        if everyone not in self._groups:
+            self._groups[everyone] = self.world
+        payload = np.frombuffer(pickle.dumps(obj, protocol=5), np.uint8)
+        size = self.broadcast(np.array([payload.size], np.int64), everyone, root)
+        buf = payload if self.rank == root else np.empty(int(size[0]), np.uint8)
+        return pickle.loads(self.broadcast(buf, everyone, root).tobytes())
+
+
+def mesh_groups(devices_by_coords, shape: Sequence[int]) -> list[Group]:
+    """Every group a stage can communicate over: for each ordered tuple of distinct axes, the
+    device sets that vary only along them. ``devices_by_coords(coords)`` -> device id."""
+    groups: list[Group] = []
+    axes_all = range(len(shape))
+    for r in range(1, len(shape) + 1):
+        for axes in itertools.permutations(axes_all, r):
+            fixed = [a for a in axes_all if a not in axes]
+            for base in itertools.product(*(range(shape[a]) for a in fixed)):
+                members = []
+                for moving in itertools.product(*(range(shape[a]) for a in axes)):
+                    coords = [0] * len(shape)
+                    for a, c in zip(fixed, base, strict=True):
+                        coords[a] = c
+                    for a, c in zip(axes, moving, strict=True):
+                        coords[a] = c
+                    members.append(devices_by_coords(coords))
+                groups.append(tuple(members))
+    return groups

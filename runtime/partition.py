@@ -1,0 +1,686 @@
+"""From plan + training graph to one rank's program: local subgraphs split at communication.
+
+For the rank's stage, the nodes of each phase (forward, backward, update) are walked in plan
+order. Each node becomes its *local* version: shape-carrying constant inputs (Reshape/Expand
+shape, ConstantOfShape, Split sizes) are rewritten to the block shapes the specs imply,
+other constants are sliced to the spec the node wants, and ``vocab_parallel`` lookups and
+scatter-adds get the offset-and-mask program. Consecutive nodes without communication between
+them form one onnxruntime session; a session ends where an input needs resharding, where the
+node's strategy performs collectives, and at phase boundaries.
+
+Final gradients whose collectives are linear (sum/mean all-reduce, reduce-scatter,
+all-gather) and that only the update phase reads are accumulated *before* those collectives,
+which then run once per step on the accumulated sum (Alpa's skipped grad-sync channels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from planner.errors import UserError
+from planner.graph import Role, const_array, role_of, shape_of
+from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
+from planner.sharding import ShardingSpec, local_shape
+from runtime import reshard
+from runtime.mesh import RankMesh, check_fits, shard
+from runtime.transfer import Piece, pieces
+
+PHASES = ("forward", "backward", "update")
+PHASE_KEY = "alpa.phase"
+UPDATES_KEY = "alpa.updates"
+# (op, input index) whose constant holds the node's output shape (or split sizes).
+SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Split", 1)}
+LINEAR = {"sum", "mean", None}
+VOCAB_OPS = {"Gather": 0, "ScatterND": 0, "ScatterElements": 0}  # op -> table input
+
+
+def parse(text: str) -> ShardingSpec:
+    try:
+        return ShardingSpec.parse(text)
+    except ValueError as exc:
+        raise UserError(f"plan has a bad sharding spec: {exc}") from None
+
+
+def same(a: ShardingSpec, b: ShardingSpec) -> bool:
+    return a.dims == b.dims and set(a.partial) == set(b.partial)
+
+
+@dataclass
+class Segment:
+    """Consecutive local nodes run as one onnxruntime session."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    produced: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    session: ort.InferenceSession | None = None
+
+
+@dataclass
+class Run:
+    segment: Segment
+
+
+@dataclass
+class Reshard:
+    src: str
+    dst: str
+    steps: list[reshard.Step]
+
+
+@dataclass
+class CollectiveOp:
+    kind: str
+    group: tuple[int, ...]
+    reduce: str
+    dim: int | None
+
+
+@dataclass
+class Collect:
+    key: str
+    ops: list[CollectiveOp]
+
+
+@dataclass
+class Send:
+    key: str
+    tag: int
+    pieces: list[Piece]
+
+
+@dataclass
+class Recv:
+    key: str
+    tag: int
+    pieces: list[Piece]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    zero: list[reshard.Step]  # partial axes of the destination spec
+
+
+Instr = Run | Reshard | Collect | Send | Recv
+
+
+@dataclass
+class GradAccumulator:
+    key: str
+    deferred: list[CollectiveOp]
+    spec: ShardingSpec  # after the deferred collectives
+
+
+@dataclass
+class StageProgram:
+    """Everything one rank executes; built identically on every rank of the stage."""
+
+    stage: int
+    mesh: RankMesh
+    device: int
+    programs: dict[str, list[Instr]]
+    state_specs: dict[str, ShardingSpec]
+    data_specs: dict[str, ShardingSpec]
+    grads: list[GradAccumulator]
+    loss: str | None
+    assigns: list[tuple[str, str]]  # (key after the update, state input it replaces)
+    segments: list[Segment]
+
+
+def stage_of_device(plan: Plan, device: int) -> StagePlan | None:
+    for stage in plan.stages:
+        if device in stage.submesh.devices:
+            return stage
+    return None
+
+
+def node_phases(graph: ir.Graph) -> dict[str, str]:
+    phases = {}
+    for node in graph:
+        phase = node.metadata_props.get(PHASE_KEY)
+        if phase not in PHASES:
+            raise UserError(
+                f"training graph node {node.name!r} has no alpa.phase: rebuild it "
+                "with this alpa-plan"
+            )
+        phases[node.name or ""] = phase
+    return phases
+
+
+def check_coverage(plan: Plan, graph: ir.Graph) -> None:
+    """Every non-Constant node in exactly one stage, every planned node in the graph."""
+    names = {n.name for n in graph}
+    owner: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.nodes:
+            if name not in names:
+                raise UserError(
+                    f"plan stage {stage.index} names node {name!r}, which the "
+                    "rebuilt training graph lacks: recompile the plan"
+                )
+            if name in owner:
+                raise UserError(
+                    f"node {name!r} is planned in stages {owner[name]} and "
+                    f"{stage.index}: recompile the plan"
+                )
+            owner[name] = stage.index
+    missing = [n.name for n in graph if n.name not in owner and n.op_type != "Constant"]
+    if missing:
+        raise UserError(
+            f"plan does not place {len(missing)} training-graph nodes, first "
+            f"{missing[0]!r}: recompile the plan"
+        )
+
+
+def _constant_node_value(node: ir.Node) -> np.ndarray:
+    for key, attr in node.attributes.items():
+        if key == "value":
+            return attr.value.numpy()
+        if key in ("value_float", "value_int", "value_floats", "value_ints"):
+            dtype = np.float32 if "float" in key else np.int64
+            return np.array(attr.value, dtype=dtype)
+    raise UserError(f"Constant node {node.name!r} has no numeric value")
+
+
+def session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    threads = int(os.environ.get("ALPA_ORT_THREADS", "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class StageBuilder:
+    """Builds the ``StageProgram`` of one rank (see the module docstring)."""
+
+    def __init__(self, model: ir.Model, plan: Plan, device: int):
+        self.model = model
+        self.plan = plan
+        self.device = device
+        stage = stage_of_device(plan, device)
+        assert stage is not None
+        self.stage = stage
+        self.mesh = RankMesh.from_plan(stage.logical_mesh)
+        graph = model.graph
+        self.phase = node_phases(graph)
+        self.nodes = {n.name: n for n in graph}
+        self.values: dict[str, ir.Value] = {}
+        for node in graph:
+            for v in node.outputs:
+                if v.name:
+                    self.values[v.name] = v
+        for v in graph.inputs:
+            self.values[v.name or ""] = v
+        self.consts: dict[str, np.ndarray] = {}
+        for name, v in graph.initializers.items():
+            array = const_array(v)
+            if array is None:
+                raise UserError(f"constant {name!r} of the training graph has no data")
+            self.consts[name] = array
+            self.values[name] = v
+        for node in graph:
+            if node.op_type == "Constant":
+                self.consts[node.outputs[0].name or ""] = _constant_node_value(node)
+        self.updates = {
+            v.metadata_props[UPDATES_KEY]: v.name or ""
+            for v in graph.outputs
+            if v.metadata_props.get(UPDATES_KEY)
+        }
+        self.inputs = [v.name or "" for v in graph.inputs]  # ordered: ranks iterate alike
+        self.state_names = {
+            v.name or ""
+            for v in graph.inputs
+            if role_of(v) in (Role.PARAM, Role.OPT_STATE) or v.name in self.updates
+        }
+        self.spec: dict[str, ShardingSpec] = {}
+        self.segments: list[Segment] = []
+        self.graph_outputs = {v.name for v in graph.outputs}
+
+    # -- tensor facts -------------------------------------------------------------------
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return shape_of(self.values[name])
+
+    def dtype(self, name: str) -> ir.DataType:
+        dtype = self.values[name].dtype
+        if dtype is None:
+            raise UserError(f"tensor {name!r} of the training graph has no dtype")
+        return dtype
+
+    def local(self, name: str, spec: ShardingSpec) -> tuple[int, ...]:
+        check_fits(spec, self.shape(name), self.mesh.shape)
+        return local_shape(self.shape(name), spec, self.mesh.shape)
+
+    def group(self, axes: list[int]) -> tuple[int, ...]:
+        return tuple(self.mesh.group(self.device, axes))
+
+    # -- build ----------------------------------------------------------------------------
+
+    def build(self) -> StageProgram:
+        stage = self.stage
+        # graph order, not the plan's: canonical plan JSON sorts the keys of ``nodes``
+        planned = [
+            n.name or ""
+            for n in self.model.graph
+            if n.name in stage.nodes and n.op_type != "Constant"
+        ]
+        first_use: dict[str, tuple[str, ShardingSpec]] = {}
+        for name in planned:
+            node, np_ = self.nodes[name], stage.nodes[name]
+            for v, want in zip(node.inputs, np_.inputs, strict=False):
+                if v is not None and v.name not in first_use and want is not None:
+                    first_use[v.name or ""] = (self.phase[name], parse(want))
+        state_specs: dict[str, ShardingSpec] = {}
+        data_specs: dict[str, ShardingSpec] = {}
+        for name in self.inputs:
+            if name not in first_use:
+                continue
+            given = stage.params.get(name) if name in self.state_names else stage.inputs.get(name)
+            spec = parse(given) if given is not None else first_use[name][1]
+            check_fits(spec, self.shape(name), self.mesh.shape)
+            (state_specs if name in self.state_names else data_specs)[name] = spec
+            self.spec[name] = spec
+        for name, spec in state_specs.items():
+            if spec.partial:
+                raise UserError(
+                    f"parameter/state {name!r} has partial spec {spec} in stage "
+                    f"{stage.index}: recompile the plan"
+                )
+        recvs = self._receives(first_use)
+        sends = self._sends()
+        programs: dict[str, list[Instr]] = {}
+        grads: list[GradAccumulator] = []
+        for phase in PHASES:
+            if phase == "update":  # a new scope: microbatch reshards are gone
+                self._done = set()
+            else:
+                self._done = getattr(self, "_done", set()) if phase == "backward" else set()
+            instrs: list[Instr] = [r for r in recvs if first_use[r.key][0] == phase]
+            for r in instrs:
+                self._done.add(r.key)
+            nodes = [n for n in planned if self.phase[n] == phase]
+            instrs += self._phase(nodes, sends, grads)
+            programs[phase] = instrs
+        loss = self.model.graph.outputs[0].name or ""
+        loss_here = loss in self.spec
+        assigns = []
+        for state, out in self.updates.items():
+            if out in self.spec and state in state_specs:
+                key = self._convert(out, state_specs[state], programs["update"])
+                assigns.append((key, state))
+        self._finish(programs, grads, loss if loss_here else None, assigns)
+        return StageProgram(
+            stage.index,
+            self.mesh,
+            self.device,
+            programs,
+            state_specs,
+            data_specs,
+            grads,
+            loss if loss_here else None,
+            assigns,
+            self.segments,
+        )
+
+    def _convert(self, name: str, want: ShardingSpec, out: list[Instr]) -> str:
+        """Key of ``name`` under ``want``, appending a Reshard to ``out`` when needed."""
+        have = self.spec[name]
+        if same(have, want):
+            return name
+        key = f"{name}@{want}"
+        if key not in self._done:
+            self.local(name, want)
+            out.append(Reshard(name, key, reshard.program(have, want)))
+            self._done.add(key)
+        return key
+
+    def _receives(self, first_use) -> list[Recv]:
+        out = []
+        for index, t in enumerate(self.plan.transfers):
+            if t.dst_stage != self.stage.index or t.tensor not in first_use:
+                continue
+            src = self.plan.stages[t.src_stage]
+            src_spec, dst_spec = parse(t.src_spec), parse(t.dst_spec)
+            plain = ShardingSpec(dst_spec.dims)
+            shape = self.shape(t.tensor)
+            ps = pieces(
+                shape,
+                ShardingSpec(src_spec.dims),
+                RankMesh.from_plan(src.logical_mesh),
+                plain,
+                self.mesh,
+            )
+            self.spec[t.tensor] = dst_spec
+            out.append(
+                Recv(
+                    t.tensor,
+                    index,
+                    [p for p in ps if p.dst == self.device],
+                    self.local(t.tensor, plain),
+                    self.dtype(t.tensor).numpy(),
+                    reshard.program(plain, dst_spec),
+                )
+            )
+        return out
+
+    def _sends(self) -> dict[str, list[tuple[int, ShardingSpec, list[Piece]]]]:
+        out: dict[str, list[tuple[int, ShardingSpec, list[Piece]]]] = {}
+        for index, t in enumerate(self.plan.transfers):
+            if t.src_stage != self.stage.index:
+                continue
+            dst = self.plan.stages[t.dst_stage]
+            src_spec, dst_spec = parse(t.src_spec), parse(t.dst_spec)
+            ps = pieces(
+                self.shape(t.tensor),
+                ShardingSpec(src_spec.dims),
+                self.mesh,
+                ShardingSpec(dst_spec.dims),
+                RankMesh.from_plan(dst.logical_mesh),
+            )
+            mine = [p for p in ps if p.src == self.device]
+            out.setdefault(t.tensor, []).append((index, ShardingSpec(src_spec.dims), mine))
+        return out
+
+    def _phase(self, names: list[str], sends, grads: list[GradAccumulator]) -> list[Instr]:
+        instrs: list[Instr] = []
+        seg = Segment()
+        pre: list[Instr] = []
+        pending_sends: list[str] = []
+
+        def close() -> None:
+            nonlocal seg, pre
+            instrs.extend(pre)
+            if seg.nodes:
+                instrs.append(Run(seg))
+                self.segments.append(seg)
+            for tensor in pending_sends:
+                instrs.extend(self._send_instrs(tensor, sends[tensor]))
+            pending_sends.clear()
+            seg, pre = Segment(), []
+
+        for name in names:
+            node, np_ = self.nodes[name], self.stage.nodes[name]
+            if len(np_.outputs) != len(node.outputs):
+                raise UserError(
+                    f"plan for node {name!r} lists {len(np_.outputs)} output specs, "
+                    f"the node has {len(node.outputs)}: recompile the plan"
+                )
+            keys: list[str] = []
+            reshards: list[Instr] = []
+            for i, v in enumerate(node.inputs):
+                if v is None:
+                    keys.append("")
+                    continue
+                vname = v.name or ""
+                want = np_.inputs[i] if i < len(np_.inputs) else None
+                if vname in self.consts and vname not in self.spec:
+                    keys.append(self._constant(seg, node, np_, i, vname))
+                    continue
+                if vname not in self.spec:
+                    raise UserError(
+                        f"node {name!r} of stage {self.stage.index} reads {vname!r}, which no "
+                        "earlier node, stage input or transfer provides: recompile the plan"
+                    )
+                if want is None:
+                    keys.append(vname)
+                    continue
+                before = len(reshards)
+                key = self._convert(vname, parse(want), reshards)
+                if len(reshards) > before and vname in seg.produced:
+                    close()
+                keys.append(key)
+            pre.extend(reshards)
+            for v, out_spec in zip(node.outputs, np_.outputs, strict=True):
+                if v.name:
+                    self.spec[v.name] = parse(out_spec)
+            seg.nodes.extend(self._local_nodes(seg, node, np_, keys))
+            seg.produced.extend(v.name for v in node.outputs if v.name)
+            for v in node.outputs:
+                if v.name in sends:
+                    pending_sends.append(v.name)
+            if np_.collectives:
+                close()
+                instrs.extend(self._collects(node, np_, grads))
+            else:
+                for v in node.outputs:
+                    if v.name and role_of(v) is Role.GRAD and self.phase[name] == "backward":
+                        grads.append(GradAccumulator(v.name, [], self.spec[v.name]))
+        close()
+        return instrs
+
+    def _send_instrs(self, tensor: str, items) -> list[Instr]:
+        out: list[Instr] = []
+        for index, src_plain, mine in items:
+            key = self._convert(tensor, src_plain, out)
+            out.append(Send(key, index, mine))
+        return out
+
+    def _collects(self, node: ir.Node, np_: NodePlan, grads: list[GradAccumulator]):
+        by_output: dict[int, list[Collective]] = {}
+        for c in np_.collectives:
+            if c.output >= len(node.outputs):
+                raise UserError(
+                    f"plan for node {node.name!r} has a collective on output "
+                    f"{c.output}, the node has {len(node.outputs)}"
+                )
+            by_output.setdefault(c.output, []).append(c)
+        instrs: list[Instr] = []
+        for j, cs in sorted(by_output.items()):
+            v = node.outputs[j]
+            ops = [self._collective_op(node, c) for c in cs]
+            deferred = (
+                role_of(v) is Role.GRAD
+                and self.phase[node.name or ""] == "backward"
+                and all(self.phase[u.name or ""] == "update" for u, _ in v.uses())
+                and all(c.kind != "all_to_all" and c.reduce in LINEAR for c in cs)
+            )
+            if role_of(v) is Role.GRAD and self.phase[node.name or ""] == "backward":
+                grads.append(
+                    GradAccumulator(v.name or "", ops if deferred else [], self.spec[v.name or ""])
+                )
+            if not deferred:
+                instrs.append(Collect(v.name or "", ops))
+        return instrs
+
+    def _collective_op(self, node: ir.Node, c: Collective) -> CollectiveOp:
+        if c.kind == "all_to_all":
+            raise UserError(
+                f"node {node.name!r}: an all_to_all strategy collective needs "
+                "source and target dims, which the plan schema does not carry"
+            )
+        if c.kind in ("all_gather", "reduce_scatter") and c.dim is None:
+            raise UserError(f"node {node.name!r}: {c.kind} without a tensor dim in the plan")
+        if any(a >= len(self.mesh.shape) for a in c.axes):
+            raise UserError(
+                f"node {node.name!r}: collective over mesh axes {c.axes} of a "
+                f"{len(self.mesh.shape)}-D mesh"
+            )
+        return CollectiveOp(c.kind, self.group(c.axes), c.reduce or "sum", c.dim)
+
+    # -- local nodes ----------------------------------------------------------------------
+
+    def _constant(self, seg: Segment, node: ir.Node, np_: NodePlan, i: int, name: str) -> str:
+        array = self.consts[name]
+        if (node.op_type, i) in SHAPE_INPUTS:
+            array = self._local_shape_constant(node, np_, array)
+        else:
+            want = np_.inputs[i] if i < len(np_.inputs) else None
+            if want is not None:
+                spec = parse(want)
+                check_fits(spec, array.shape, self.mesh.shape)
+                array = shard(array, spec, self.mesh, self.device)
+        key = f"{node.name}/const{i}"
+        seg.initializers[key] = array
+        return key
+
+    def _local_shape_constant(self, node: ir.Node, np_: NodePlan, array: np.ndarray):
+        if node.op_type == "Split":
+            axis = node.attributes.get_int("axis", 0)
+            return np.array(
+                [
+                    self.local(v.name or "", parse(s))[axis]
+                    for v, s in zip(node.outputs, np_.outputs, strict=True)
+                ],
+                np.int64,
+            )
+        out = node.outputs[0].name or ""
+        return np.array(self.local(out, parse(np_.outputs[0])), dtype=array.dtype)
+
+    def _local_nodes(
+        self, seg: Segment, node: ir.Node, np_: NodePlan, keys: list[str]
+    ) -> list[onnx.NodeProto]:
+        proto = ir.serde.serialize_node(node)
+        del proto.metadata_props[:]
+        proto.input[:] = keys
+        if node.op_type == "Slice":
+            self._check_slice(node, np_)
+        if np_.local is None:
+            return [proto]
+        if np_.local != "vocab_parallel" or node.op_type not in VOCAB_OPS:
+            raise UserError(
+                f"node {node.name!r}: unknown local program {np_.local!r} for {node.op_type}"
+            )
+        return self._vocab_parallel(seg, node, np_, proto)
+
+    def _check_slice(self, node: ir.Node, np_: NodePlan) -> None:
+        """A slice along a split dim is only local when it keeps the whole dim."""
+        src = node.inputs[0]
+        want = np_.inputs[0] if np_.inputs else None
+        if src is None or want is None:
+            return
+        spec = parse(want)
+        in_shape, out_shape = self.shape(src.name or ""), self.shape(node.outputs[0].name or "")
+        for d, axes in enumerate(spec.dims):
+            if axes and in_shape[d] != out_shape[d]:
+                raise UserError(
+                    f"node {node.name!r} slices dim {d}, which the plan splits "
+                    f"over mesh axes {list(axes)}: the executor cannot run that"
+                )
+
+    def _vocab_parallel(
+        self, seg: Segment, node: ir.Node, np_: NodePlan, proto: onnx.NodeProto
+    ) -> list[onnx.NodeProto]:
+        """Rows of the table live split along dim 0: shift indices by this rank's first row,
+        mask rows another rank holds (looked-up rows become 0, scattered updates vanish)."""
+        table = node.inputs[VOCAB_OPS[node.op_type]]
+        assert table is not None
+        spec = parse(np_.inputs[0] or "")
+        if node.attributes.get_int("axis", 0) != 0 or not spec.dims or not spec.dims[0]:
+            raise UserError(
+                f"node {node.name!r}: vocab_parallel needs axis 0 split over mesh "
+                f"axes, the plan gives {spec}"
+            )
+        rows = self.local(table.name or "", spec)[0]
+        offset = self.mesh.index(self.mesh.coords(self.device), spec.dims[0]) * rows
+        idx_name = node.inputs[1].name if node.inputs[1] is not None else ""
+        idx_dtype = self.dtype(idx_name or "").numpy()
+        p = f"{node.name}/vp"
+        seg.initializers[f"{p}/offset"] = np.array(offset, idx_dtype)
+        seg.initializers[f"{p}/rows"] = np.array(rows, idx_dtype)
+        seg.initializers[f"{p}/zero_i"] = np.array(0, idx_dtype)
+        out_name = node.outputs[0].name or ""
+        value_dtype = self.dtype(out_name).numpy()
+        seg.initializers[f"{p}/zero_v"] = np.array(0, value_dtype)
+        idx_key = proto.input[1]
+        nodes = [
+            helper.make_node("Sub", [idx_key, f"{p}/offset"], [f"{p}/shifted"]),
+            helper.make_node("GreaterOrEqual", [f"{p}/shifted", f"{p}/zero_i"], [f"{p}/ge"]),
+            helper.make_node("Less", [f"{p}/shifted", f"{p}/rows"], [f"{p}/lt"]),
+            helper.make_node("And", [f"{p}/ge", f"{p}/lt"], [f"{p}/mask"]),
+            helper.make_node("Where", [f"{p}/mask", f"{p}/shifted", f"{p}/zero_i"], [f"{p}/idx"]),
+        ]
+        idx_rank = len(self.shape(idx_name or ""))
+        trailing = len(self.shape(table.name or "")) - 1
+        mask = f"{p}/mask"
+        if node.op_type == "ScatterND":  # indices [..., 1]: the mask drops the last dim
+            nodes.append(helper.make_node("Squeeze", [mask, f"{p}/last"], [f"{p}/mask_u"]))
+            seg.initializers[f"{p}/last"] = np.array([idx_rank - 1], np.int64)
+            mask, idx_rank = f"{p}/mask_u", idx_rank - 1
+        if node.op_type in ("Gather", "ScatterND") and trailing:
+            axes = np.arange(idx_rank, idx_rank + trailing, dtype=np.int64)
+            seg.initializers[f"{p}/axes"] = axes
+            nodes.append(helper.make_node("Unsqueeze", [mask, f"{p}/axes"], [f"{p}/mask_b"]))
+            mask = f"{p}/mask_b"
+        proto.input[1] = f"{p}/idx"
+        if node.op_type == "Gather":
+            proto.output[0] = f"{p}/rows_out"
+            nodes += [
+                proto,
+                helper.make_node("Where", [mask, f"{p}/rows_out", f"{p}/zero_v"], [out_name]),
+            ]
+        else:
+            nodes += [
+                helper.make_node("Where", [mask, proto.input[2], f"{p}/zero_v"], [f"{p}/upd"]),
+                proto,
+            ]
+            proto.input[2] = f"{p}/upd"
+        return nodes
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _finish(self, programs, grads, loss, assigns) -> None:
+        """Decide each segment's inputs/outputs from what later instructions read, then
+        create its session."""
+        needed: set[str] = {g.key for g in grads} | {k for k, _ in assigns}
+        if loss:
+            needed.add(loss)
+        for instrs in programs.values():
+            for ins in instrs:
+                if isinstance(ins, Run):
+                    seg = ins.segment
+                    made = set(seg.initializers)
+                    for n in seg.nodes:
+                        for x in n.input:
+                            if x and x not in made and x not in seg.inputs:
+                                seg.inputs.append(x)
+                        made.update(n.output)
+                    needed.update(seg.inputs)
+                elif isinstance(ins, Reshard):
+                    needed.add(ins.src)
+                elif isinstance(ins, Collect | Send):
+                    needed.add(ins.key)
+        opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        for seg in self.segments:
+            seg.outputs = [k for k in dict.fromkeys(seg.produced) if k in needed]
+            seg.session = self._session(seg, opsets)
+
+    def _value_info(self, key: str) -> onnx.ValueInfoProto:
+        name = key.split("@", 1)[0]
+        return helper.make_tensor_value_info(key, int(self.dtype(name)), None)
+
+    def _session(self, seg: Segment, opsets) -> ort.InferenceSession:
+        graph = helper.make_graph(
+            seg.nodes,
+            f"stage{self.stage.index}",
+            [self._value_info(k) for k in seg.inputs],
+            [self._value_info(k) for k in seg.outputs],
+            initializer=[
+                numpy_helper.from_array(np.asarray(a), k) for k, a in seg.initializers.items()
+            ],
+        )
+        model = helper.make_model(
+            graph, opset_imports=opsets, ir_version=min(self.model.ir_version or 10, 10)
+        )
+        try:
+            return ort.InferenceSession(
+                model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            first = seg.nodes[0].name if seg.nodes else "?"
+            raise UserError(
+                f"onnxruntime refused the local subgraph starting at node "
+                f"{first!r} of stage {self.stage.index}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+
+
+def build_stage(model: ir.Model, plan: Plan, device: int) -> StageProgram:
+    return StageBuilder(model, plan, device).build()

@@ -1,0 +1,113 @@
+"""Per-step metrics and the run report: the plan's predictions next to what was measured.
+
+Measured per stage, per step: onnxruntime compute, collective time (resharding, strategy
+collectives, gradient sync), point-to-point time (cross-stage transfers, including waiting for
+the neighbouring stage, i.e. the pipeline bubble), and the executor's own overhead = wall -
+compute - collective - p2p. A stage's number is the slowest of its ranks; the first step is
+left out of the means when there are more (session warm-up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from planner.plan_io import canonical_json, write_atomic
+from planner.plan_schema import Plan
+from runtime.comm import Communicator
+
+KINDS = ("compute", "collective", "p2p", "wall")
+
+
+def collect_step(comm: Communicator, mine: dict, tag: int) -> dict | None:
+    """Every rank's metrics of one step, at rank 0 (None elsewhere)."""
+    if comm.rank != 0:
+        comm.send_object(mine, 0, tag)
+        comm.wait_sends()
+        return None
+    ranks = [mine] + [comm.recv_object(r, tag) for r in range(1, comm.size)]
+    losses = [r["loss"] for r in ranks if r["loss"] is not None]
+    return {
+        "loss": losses[0] if losses else None,
+        "wall": max(r["wall"] for r in ranks),
+        "ranks": ranks,
+    }
+
+
+def print_step(i: int, row: dict, plan: Plan) -> None:
+    loss = "n/a" if row["loss"] is None else f"{row['loss']:.6f}"
+    rate = plan.options.global_batch / row["wall"]
+    click.echo(f"step {i + 1}: loss {loss}  {row['wall'] * 1e3:.1f} ms  {rate:.1f} samples/s")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
+    timed = rows[1:] if len(rows) > 1 else rows
+    stages = []
+    for s in plan.stages:
+        measured = {
+            k: _mean([max(r[k] for r in row["ranks"] if r["stage"] == s.index) for row in timed])
+            for k in KINDS
+        }
+        busy = measured["compute"] + measured["collective"] + measured["p2p"]
+        measured["overhead"] = max(measured["wall"] - busy, 0.0)
+        pred = plan.predicted.stages[s.index] if s.index < len(plan.predicted.stages) else None
+        stages.append(
+            {
+                "stage": s.index,
+                "devices": s.submesh.devices,
+                "predicted": {
+                    "compute": s.compute,
+                    "communication": s.communication,
+                    **(
+                        {
+                            "step_compute": pred.compute,
+                            "step_communication": pred.communication,
+                            "bubble": pred.bubble,
+                        }
+                        if pred
+                        else {}
+                    ),
+                },
+                "measured": measured,
+            }
+        )
+    step = _mean([row["wall"] for row in timed])
+    compute = _mean([max(r["compute"] for r in row["ranks"]) for row in timed])
+    overhead = max(stage["measured"]["overhead"] for stage in stages)
+    return {
+        "plan": {
+            "method": plan.options.method,
+            "microbatches": plan.options.microbatches,
+            "schedule": plan.options.schedule,
+            "global_batch": plan.options.global_batch,
+            "model": plan.model.file,
+        },
+        "losses": [row["loss"] for row in rows],
+        "iteration_time": {"predicted": plan.predicted.iteration_time, "measured": step},
+        "throughput_samples_per_s": plan.options.global_batch / step,
+        "setup_seconds": setup,
+        "runtime_overhead": {
+            "seconds": overhead,
+            "fraction_of_step": overhead / step,
+            "wall_minus_compute": step - compute,
+        },
+        "stages": stages,
+    }
+
+
+def write(plan: Plan, rows: list[dict], setup: float, path: Path | None) -> None:
+    summary = summarize(plan, rows, setup)
+    if path is not None:
+        write_atomic(path, canonical_json(summary))
+    it = summary["iteration_time"]
+    click.echo(
+        f"{len(rows)} steps: {it['measured'] * 1e3:.1f} ms/step (predicted "
+        f"{it['predicted'] * 1e3:.1f} ms), {summary['throughput_samples_per_s']:.1f} samples/s, "
+        f"runtime overhead {summary['runtime_overhead']['fraction_of_step']:.1%}"
+        + (f"; report: {path}" if path else "")
+    )

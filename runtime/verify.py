@@ -1,0 +1,165 @@
+"""``verify``: one training step sharded vs on a single rank, same inputs and initial state.
+
+The sharded side gathers its final gradients and updated parameters/state to rank 0; rank 0
+runs the unpartitioned training graph with plain onnxruntime (forward+backward per
+microbatch, gradients averaged, the update once) and compares loss, gradients and updated
+tensors in that order, naming the first one whose relative error (max |a-b| / max |ref|)
+exceeds the tolerance. The reference update is applied to the sharded run's gradients (which
+were just checked): Adam divides by sqrt(v) + eps, so gradients that are zero up to rounding
+(e.g. attention key biases) would turn tolerated 1e-8 noise into lr-sized differences.
+"""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from planner.graph import Role, role_of
+from runtime.comm import Communicator
+from runtime.data import microbatch
+from runtime.partition import PHASE_KEY, UPDATES_KEY
+from runtime.step import PreparedStep
+
+TOLERANCE = 1e-5
+
+
+def sharded_tensors(
+    runner, grads: dict[str, np.ndarray], comm: Communicator, tag: int, leaders: list[int]
+) -> dict[str, np.ndarray] | None:
+    """Global final gradients and updated state of every stage, at rank 0 (``leaders``: the
+    first device of each stage, which sends its stage's tensors)."""
+    p = runner.p
+    mine = {g.key: runner.gather(g.key, grads[g.key], g.spec) for g in p.grads}
+    mine.update(
+        {
+            name: runner.gather(name, runner.state[name], spec)
+            for name, spec in p.state_specs.items()
+        }
+    )
+    if comm.rank != 0:
+        if comm.rank == p.mesh.devices[0]:
+            comm.send_object(mine, 0, tag)
+            comm.wait_sends()
+        return None
+    out = dict(mine)
+    for leader in leaders:
+        if leader != 0:
+            out.update(comm.recv_object(leader, tag))  # type: ignore[arg-type]
+    return out
+
+
+def _session(
+    proto: onnx.ModelProto, phases: set[str], outputs: list[str], types: dict[str, int]
+) -> tuple[ort.InferenceSession, list[str]]:
+    g = proto.graph
+    nodes = [
+        n for n in g.node if {p.key: p.value for p in n.metadata_props}.get(PHASE_KEY) in phases
+    ]
+    made = {i.name for i in g.initializer}
+    inputs: list[str] = []
+    for n in nodes:
+        inputs += [x for x in n.input if x and x not in made and x not in inputs]
+        made.update(n.output)
+    graph = helper.make_graph(
+        nodes,
+        "reference",
+        [helper.make_tensor_value_info(x, types[x], None) for x in inputs],
+        [helper.make_tensor_value_info(x, types[x], None) for x in outputs],
+        initializer=list(g.initializer),
+    )
+    model = helper.make_model(
+        graph, opset_imports=list(proto.opset_import), ir_version=min(proto.ir_version, 10)
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session, inputs
+
+
+def reference(
+    step: PreparedStep,
+    batch: dict[str, np.ndarray],
+    microbatches: int,
+    update_grads: dict[str, np.ndarray] | None = None,
+):
+    """(loss, grads by name, updated state by input name) of the unpartitioned step; the
+    update reads ``update_grads`` when given (the sharded run's gradients)."""
+    import onnx_ir as ir
+
+    graph = step.model.graph
+    types = {}
+    for v in [*graph.inputs, *(o for n in graph for o in n.outputs)]:
+        if v.name and v.dtype is not None:
+            types[v.name] = int(v.dtype)
+    loss = graph.outputs[0].name or ""
+    grads = [o.name or "" for n in graph for o in n.outputs if role_of(o) is Role.GRAD]
+    updated = [
+        (o.name or "", o.metadata_props[UPDATES_KEY])
+        for o in graph.outputs
+        if o.metadata_props.get(UPDATES_KEY)
+    ]
+    proto = ir.serde.serialize_model(step.model)
+    fb, fb_inputs = _session(proto, {"forward", "backward"}, [loss, *grads], types)
+    up, up_inputs = _session(proto, {"update"}, [u for u, _ in updated], types)
+    losses, acc = [], {g: 0.0 for g in grads}
+    for m in range(microbatches):
+        feeds = {**microbatch(batch, m, microbatches), **step.state}
+        out = fb.run([loss, *grads], {k: feeds[k] for k in fb_inputs})
+        losses.append(out[0])
+        for g, value in zip(grads, out[1:], strict=True):
+            acc[g] = acc[g] + value
+    mean = {g: (a / np.asarray(microbatches, a.dtype)).astype(a.dtype) for g, a in acc.items()}
+    feeds = {**step.state, **mean, **(update_grads or {})}
+    new = up.run([u for u, _ in updated], {k: feeds[k] for k in up_inputs})
+    return (
+        float(np.mean(losses)),
+        mean,
+        {state: v for (_, state), v in zip(updated, new, strict=True)},
+    )
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    diff = float(np.max(np.abs(a - ref))) if ref.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def compare(
+    step: PreparedStep,
+    sharded: dict[str, np.ndarray] | None,
+    batch: dict[str, np.ndarray],
+    microbatches: int,
+    loss: float | None,
+) -> int:
+    assert sharded is not None and loss is not None
+    grads = [o.name for n in step.model.graph for o in n.outputs if role_of(o) is Role.GRAD]
+    ref_loss, ref_grads, ref_state = reference(
+        step, batch, microbatches, {g: sharded[g] for g in grads if g in sharded}
+    )
+    checks = [("loss", np.array(loss), np.array(ref_loss))]
+    checks += [(f"grad {k}", sharded[k], v) for k, v in ref_grads.items()]
+    checks += [(f"updated {k}", sharded[k], v) for k, v in ref_state.items()]
+    worst = max(checks, key=lambda c: rel_err(c[1], c[2]))
+    for name, a, ref in checks:
+        err = rel_err(a, ref)
+        if err > TOLERANCE:
+            click.echo(
+                f"verify FAILED: first differing tensor: {name} (rel err {err:.3g} > "
+                f"{TOLERANCE:g}; {len(checks)} tensors compared)",
+                err=True,
+            )
+            return 1
+    click.echo(
+        f"verify passed: loss {loss:.6f} vs {ref_loss:.6f}; {len(checks)} tensors "
+        f"(loss, {len(ref_grads)} gradients, {len(ref_state)} updated) within "
+        f"{TOLERANCE:g}, worst {worst[0]} at {rel_err(worst[1], worst[2]):.2g}"
+    )
+    return 0

@@ -1,0 +1,329 @@
+"""Per-rank main: build this rank's stage program, run the pipeline schedule, report.
+
+Rank 0 prepares the training step (import, structure-hash check, training graph, initial
+state, the ``--data`` batch) and broadcasts it, so the model is read once and every problem
+is reported once, before any compute. Each rank then runs its stage's schedule; after every
+step all ranks send their timings (and the loss stage its loss) to rank 0, which prints one
+line per step and writes the run report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from planner.errors import UserError
+from planner.plan_io import load_plan
+from planner.plan_schema import Plan
+from planner.sharding import ShardingSpec
+from runtime import reshard
+from runtime.comm import Communicator, MpiCommunicator, mesh_groups
+from runtime.data import load_batch, microbatch, synthetic_batch
+from runtime.mesh import RankMesh, shard
+from runtime.partition import (
+    Collect,
+    CollectiveOp,
+    Recv,
+    Reshard,
+    Run,
+    Send,
+    StageProgram,
+    build_stage,
+    stage_of_device,
+)
+from runtime.pipeline import schedule
+from runtime.step import PreparedStep, prepare_step
+
+METRICS_TAG = 1 << 20
+VERIFY_TAG = METRICS_TAG + 1
+
+
+@dataclass
+class Timers:
+    compute: float = 0.0  # inside onnxruntime
+    collective: float = 0.0  # resharding and strategy collectives, incl. gradient sync
+    p2p: float = 0.0  # cross-stage sends/receives, incl. waiting for the other stage
+
+    def as_dict(self) -> dict[str, float]:
+        return {"compute": self.compute, "collective": self.collective, "p2p": self.p2p}
+
+
+@dataclass
+class Job:
+    plan: Plan
+    step: PreparedStep
+    steps: int
+    batch: dict[str, np.ndarray] | None  # None: synthetic
+    report: Path | None
+    verify: bool
+    losses: list[float] = field(default_factory=list)
+
+
+def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.ndarray:
+    if op.kind == "all_reduce":
+        return comm.all_reduce(x, op.group, op.reduce)
+    if op.kind == "all_gather":
+        return comm.all_gather(x, op.group, op.dim)
+    if op.kind == "reduce_scatter":
+        return comm.reduce_scatter(x, op.group, op.dim, op.reduce)
+    return comm.broadcast(x, op.group, op.group[0])
+
+
+class StageRunner:
+    """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update."""
+
+    def __init__(
+        self,
+        program: StageProgram,
+        comm: Communicator,
+        state: dict[str, np.ndarray],
+        microbatches: int,
+    ):
+        self.p = program
+        self.comm = comm
+        self.m = microbatches
+        self.state = {
+            name: shard(state[name], spec, program.mesh, program.device)
+            for name, spec in program.state_specs.items()
+        }
+        self.timers = Timers()
+
+    def _get(self, env: dict[str, np.ndarray], key: str) -> np.ndarray:
+        return env[key] if key in env else self.state[key]
+
+    def run(self, phase: str, env: dict[str, np.ndarray], m: int) -> None:
+        t = self.timers
+        for ins in self.p.programs[phase]:
+            start = time.perf_counter()
+            if isinstance(ins, Run):
+                seg = ins.segment
+                assert seg.session is not None
+                feeds = {k: self._get(env, k) for k in seg.inputs}
+                env.update(zip(seg.outputs, seg.session.run(seg.outputs, feeds), strict=True))
+                t.compute += time.perf_counter() - start
+                continue
+            if isinstance(ins, Reshard):
+                env[ins.dst] = reshard.apply(
+                    self._get(env, ins.src), ins.steps, self.p.mesh, self.p.device, self.comm
+                )
+            elif isinstance(ins, Collect):
+                x = self._get(env, ins.key)
+                for op in ins.ops:
+                    x = run_collective(op, x, self.comm)
+                env[ins.key] = x
+            elif isinstance(ins, Send):
+                x = self._get(env, ins.key)
+                for piece in ins.pieces:
+                    self.comm.send(x[piece.src_index], piece.dst, ins.tag * self.m + m)
+            elif isinstance(ins, Recv):
+                buf = np.empty(ins.shape, ins.dtype)
+                for piece in ins.pieces:
+                    part = np.empty(buf[piece.dst_index].shape, ins.dtype)
+                    self.comm.recv(part, piece.src, ins.tag * self.m + m)
+                    buf[piece.dst_index] = part
+                env[ins.key] = reshard.apply(buf, ins.zero, self.p.mesh, self.p.device, self.comm)
+            elapsed = time.perf_counter() - start
+            if isinstance(ins, Send | Recv):
+                t.p2p += elapsed
+            else:
+                t.collective += elapsed
+
+    def step(self, batch: dict[str, np.ndarray], kind: str, stages: int):
+        """One training step; returns (mean loss or None, final grads by key)."""
+        envs: dict[int, dict[str, np.ndarray]] = {}
+        acc: dict[str, np.ndarray] = {}
+        losses = []
+        for task, m in schedule(kind, self.p.stage, stages, self.m):
+            if task == "F":
+                mb = microbatch(batch, m, self.m)
+                env = envs[m] = {
+                    name: shard(mb[name], spec, self.p.mesh, self.p.device)
+                    for name, spec in self.p.data_specs.items()
+                }
+                self.run("forward", env, m)
+                if self.p.loss is not None:
+                    losses.append(float(env[self.p.loss]))
+            else:
+                env = envs.pop(m)
+                self.run("backward", env, m)
+                for g in self.p.grads:
+                    acc[g.key] = acc[g.key] + env[g.key] if g.key in acc else env[g.key]
+        step_env: dict[str, np.ndarray] = {}
+        start = time.perf_counter()
+        for g in self.p.grads:
+            x = acc[g.key]
+            if self.m > 1:
+                x = x / np.asarray(self.m, x.dtype)
+            for op in g.deferred:
+                x = run_collective(op, x, self.comm)
+            step_env[g.key] = x
+        self.timers.collective += time.perf_counter() - start
+        self.run("update", step_env, 0)
+        for key, state in self.p.assigns:
+            self.state[state] = step_env[key]
+        start = time.perf_counter()
+        self.comm.wait_sends()
+        self.timers.p2p += time.perf_counter() - start
+        loss = float(np.mean(losses)) if losses else None
+        return loss, step_env
+
+    def gather(self, key: str, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
+        """The global tensor (every rank of the stage takes part)."""
+        return reshard.apply(
+            x,
+            reshard.program(spec, ShardingSpec(((),) * len(spec.dims))),
+            self.p.mesh,
+            self.p.device,
+            self.comm,
+        )
+
+
+def _prepare(
+    plan_path: str, model: str | None, step_dir: str | None, data: str | None
+) -> tuple[bytes, bytes, dict | None]:
+    plan = load_plan(plan_path)
+    if step_dir:
+        step = PreparedStep.load(step_dir)
+    elif model:
+        step = prepare_step(plan, model)
+    else:
+        raise UserError("pass --model (the ONNX file the plan was compiled from)")
+    batch = None
+    if data:
+        batch = load_batch(data, step.model.graph, set(step.state), plan.options.microbatches)
+    model_bytes, state_bytes = step.to_bytes()
+    return model_bytes, state_bytes, batch
+
+
+def main(argv: list[str]) -> int:
+    """``python -m runtime.worker PLAN [--model M | --step DIR] [--steps N] [--data F]
+    [--report R] [--verify]``: one rank's entry point (the launcher passes these)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="runtime.worker")
+    parser.add_argument("plan")
+    parser.add_argument("--model")
+    parser.add_argument("--step")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--data")
+    parser.add_argument("--report")
+    parser.add_argument("--verify", action="store_true")
+    args = parser.parse_args(argv)
+    comm = MpiCommunicator()
+    try:
+        return _main(comm, args)
+    except UserError as exc:
+        if comm.rank == 0:
+            sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except Exception:
+        sys.stderr.write(traceback.format_exc())
+        comm.fail("the executor raised an exception (traceback above)")
+        return 1
+
+
+def _main(comm: MpiCommunicator, args) -> int:
+    payload: object = None
+    if comm.rank == 0:
+        try:
+            payload = _prepare(args.plan, args.model, args.step, args.data)
+        except UserError as exc:
+            payload = str(exc)
+    payload = comm.broadcast_object(payload, 0)
+    if isinstance(payload, str):
+        raise UserError(payload)
+    assert isinstance(payload, tuple)
+    model_bytes, state_bytes, batch = payload
+    plan = load_plan(args.plan)
+    job = Job(
+        plan,
+        PreparedStep.from_bytes(model_bytes, state_bytes),
+        1 if args.verify else args.steps,
+        batch,
+        Path(args.report) if args.report else None,
+        args.verify,
+    )
+    return execute(comm, job)
+
+
+def required_ranks(plan: Plan) -> int:
+    return max(d for s in plan.stages for d in s.submesh.devices) + 1
+
+
+def execute(comm: MpiCommunicator, job: Job) -> int:
+    from runtime import report
+
+    plan = job.plan
+    if comm.size != required_ranks(plan):
+        raise UserError(
+            f"this job has {comm.size} ranks; the plan needs "
+            f"{required_ranks(plan)} (one per device)"
+        )
+    from runtime.partition import check_coverage
+
+    check_coverage(plan, job.step.model.graph)
+    stage = stage_of_device(plan, comm.rank)
+    if stage is None:
+        raise UserError(f"device {comm.rank} is in no stage of the plan: recompile the plan")
+    setup = time.perf_counter()
+    program = build_stage(job.step.model, plan, comm.rank)
+    comm.add_groups(mesh_groups(program.mesh.device_at, program.mesh.shape))
+    runner = StageRunner(program, comm, job.step.state, plan.options.microbatches)
+    setup = time.perf_counter() - setup
+    state_names = set(job.step.state)
+    rows = []
+    for i in range(job.steps):
+        batch = (
+            job.batch
+            if job.batch is not None
+            else synthetic_batch(
+                job.step.model.graph, state_names, plan.options.microbatches, seed=i
+            )
+        )
+        before = runner.timers.as_dict()
+        comm.seconds = 0.0
+        start = time.perf_counter()
+        loss, grads = runner.step(batch, plan.options.schedule, len(plan.stages))
+        wall = time.perf_counter() - start
+        after = runner.timers.as_dict()
+        mine = {
+            "rank": comm.rank,
+            "stage": program.stage,
+            "loss": loss,
+            "wall": wall,
+            **{k: after[k] - before[k] for k in after},
+        }
+        row = report.collect_step(comm, mine, METRICS_TAG)
+        if comm.rank == 0:
+            rows.append(row)
+            report.print_step(i, row, plan)
+    if job.verify:
+        from runtime.verify import compare, sharded_tensors
+
+        leaders = [RankMesh.from_plan(s.logical_mesh).devices[0] for s in plan.stages]
+        tensors = sharded_tensors(runner, grads, comm, VERIFY_TAG, leaders)
+        if comm.rank == 0:
+            return compare(
+                job.step,
+                tensors,
+                job.batch
+                if job.batch is not None
+                else synthetic_batch(
+                    job.step.model.graph, state_names, plan.options.microbatches, seed=0
+                ),
+                plan.options.microbatches,
+                rows[0]["loss"],
+            )
+        return 0
+    if comm.rank == 0:
+        report.write(plan, rows, setup, job.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
