@@ -125,21 +125,27 @@ def _batch_binding(path: str, options: ImportOptions) -> tuple[int, str | None]:
     return options.dims[name], name
 
 
-def _microbatch_candidates(global_batch: int, bound: int, symbolic: bool,
-                           requested: int | None) -> list[int]:
+def _microbatch_candidates(
+    global_batch: int, bound: int, symbolic: bool, requested: int | None
+) -> list[int]:
     if not symbolic:  # the exported graph is one micro-batch; its batch cannot change
         if global_batch % bound:
-            raise UserError(f"--global-batch {global_batch} is not a multiple of the model's "
-                            f"static batch {bound}: export with a dynamic batch dim")
+            raise UserError(
+                f"--global-batch {global_batch} is not a multiple of the model's "
+                f"static batch {bound}: export with a dynamic batch dim"
+            )
         count = global_batch // bound
         if requested not in (None, count):
-            raise UserError(f"the model's batch dim is static ({bound}), so --global-batch "
-                            f"{global_batch} means {count} micro-batches, not {requested}")
+            raise UserError(
+                f"the model's batch dim is static ({bound}), so --global-batch "
+                f"{global_batch} means {count} micro-batches, not {requested}"
+            )
         return [count]
     if requested is not None:
         if requested < 1 or global_batch % requested:
-            raise UserError(f"--microbatches {requested} must divide the global batch "
-                            f"{global_batch}")
+            raise UserError(
+                f"--microbatches {requested} must divide the global batch {global_batch}"
+            )
         return [requested]
     powers = [m for m in (2**k for k in range(20)) if m <= global_batch and global_batch % m == 0]
     if len(powers) <= MAX_MICROBATCH_CANDIDATES:
@@ -148,12 +154,14 @@ def _microbatch_candidates(global_batch: int, bound: int, symbolic: bool,
     return [powers[int(i)] for i in picks]
 
 
-def _microbatch_import(path: str, options: ImportOptions, batch_name: str | None,
-                       micro: int) -> ImportOptions:
+def _microbatch_import(
+    path: str, options: ImportOptions, batch_name: str | None, micro: int
+) -> ImportOptions:
     if batch_name is None:
         return options
-    return ImportOptions(dims={**options.dims, batch_name: micro},
-                         input_shapes=dict(options.input_shapes))
+    return ImportOptions(
+        dims={**options.dims, batch_name: micro}, input_shapes=dict(options.input_shapes)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +201,12 @@ def place_stages(cluster: Cluster, shapes: list[tuple[int, int]]) -> list[tuple[
         hosts, per_host = shapes[i]
         if hosts > 1 or per_host == cluster.devices_per_host:
             chosen = [h for h in sorted(free) if len(free[h]) == cluster.devices_per_host][:hosts]
-            placed[i] = tuple(h * cluster.devices_per_host + d for h in chosen
-                              for d in free.pop(h))
+            placed[i] = tuple(h * cluster.devices_per_host + d for h in chosen for d in free.pop(h))
         else:
-            host = min((h for h in sorted(free) if len(free[h]) >= per_host),
-                       key=lambda h: (len(free[h]), h))
+            host = min(
+                (h for h in sorted(free) if len(free[h]) >= per_host),
+                key=lambda h: (len(free[h]), h),
+            )
             take, free[host] = free[host][:per_host], free[host][per_host:]
             placed[i] = tuple(host * cluster.devices_per_host + d for d in take)
             if not free[host]:
@@ -221,8 +230,9 @@ def _max_inflight(rc: RangeCosts, limit: float) -> np.ndarray:
     return np.where(np.isfinite(rc.per_microbatch), count, -1).astype(np.int64)
 
 
-def _plan_auto(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
-               microbatches: int) -> tuple[list[StagePick], float] | None:
+def _plan_auto(
+    costs: StageCostModel, cluster: Cluster, cut: np.ndarray, microbatches: int
+) -> tuple[list[StagePick], float] | None:
     num = len(costs.layers)
     shapes = submesh_shapes(cluster)
     flops = np.array([layer.flops for layer in costs.layers])
@@ -250,33 +260,48 @@ def _plan_auto(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
             summed[:, :, m, c] = rc.per_microbatch + rc.per_step
             step[:, :, m, c] = rc.per_step
             inflight[:, :, m, c] = _max_inflight(rc, _memory_limit(cluster))
+
     def exact(choices: list[StageChoice]) -> float:
         """T = sum t + (B-1) max t + max u: the update runs once per step, in parallel."""
         t = [stage[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
         u = [step[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
         return sum(t) + (microbatches - 1) * max(t) + max(u)
 
-    result = stage_dp(stage, summed, inflight, [a * b for a, b in shapes], cluster.num_devices,
-                      microbatches, score=exact)
+    result = stage_dp(
+        stage,
+        summed,
+        inflight,
+        [a * b for a, b in shapes],
+        cluster.num_devices,
+        microbatches,
+        score=exact,
+    )
     if result is None:
         return None
     devices = place_stages(cluster, [shapes[s.submesh] for s in result.stages])
-    picks = [_pick(s, devs, configs[s.submesh][s.config], cluster)
-             for s, devs in zip(result.stages, devices, strict=True)]
+    picks = [
+        _pick(s, devs, configs[s.submesh][s.config], cluster)
+        for s, devs in zip(result.stages, devices, strict=True)
+    ]
     return picks, result.latency
 
 
-def _pick(choice: StageChoice, devices: tuple[int, ...], canonical: LogicalMesh,
-          cluster: Cluster) -> StagePick:
+def _pick(
+    choice: StageChoice, devices: tuple[int, ...], canonical: LogicalMesh, cluster: Cluster
+) -> StagePick:
     mesh = make_mesh(cluster, devices, canonical.shape)
     return StagePick(choice.start, choice.stop, devices, mesh)
 
 
-def _single_stage(costs: StageCostModel, cluster: Cluster, cut: np.ndarray,
-                  microbatches: int, method: str) -> tuple[list[StagePick], float]:
+def _single_stage(
+    costs: StageCostModel, cluster: Cluster, cut: np.ndarray, microbatches: int, method: str
+) -> tuple[list[StagePick], float]:
     devices = tuple(range(cluster.num_devices))
-    meshes = mesh_configs(cluster, devices) if method == "shard" else [
-        make_mesh(cluster, devices, (len(devices),))]
+    meshes = (
+        mesh_configs(cluster, devices)
+        if method == "shard"
+        else [make_mesh(cluster, devices, (len(devices),))]
+    )
     num = len(costs.layers)
     best = None
     for mesh in meshes:
@@ -299,12 +324,14 @@ def _uniform_stages(layers: list[Layer], pp: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _megatron_stages(costs: StageCostModel, cluster: Cluster, dp: int, tp: int,
-                     pp: int) -> list[StagePick]:
+def _megatron_stages(
+    costs: StageCostModel, cluster: Cluster, dp: int, tp: int, pp: int
+) -> list[StagePick]:
     d = cluster.num_devices
     if dp * tp * pp != d:
-        raise UserError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the cluster "
-                        f"has {d} devices")
+        raise UserError(
+            f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the cluster has {d} devices"
+        )
     if tp > cluster.devices_per_host or cluster.devices_per_host % tp:
         raise UserError(f"--tp {tp} must divide the {cluster.devices_per_host} devices of a host")
     if pp > len(costs.layers):
@@ -330,8 +357,9 @@ def megatron_grid(cluster: Cluster, num_layers: int) -> list[tuple[int, int, int
     return grid
 
 
-def _pipeline_latency(costs: StageCostModel, picks: list[StagePick], cut: np.ndarray,
-                      microbatches: int) -> tuple[float, list[tuple[float, float]]]:
+def _pipeline_latency(
+    costs: StageCostModel, picks: list[StagePick], cut: np.ndarray, microbatches: int
+) -> tuple[float, list[tuple[float, float]]]:
     times = []
     for p in picks:
         rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
@@ -340,16 +368,22 @@ def _pipeline_latency(costs: StageCostModel, picks: list[StagePick], cut: np.nda
     return t + max(b for _, b in times), times
 
 
-def stage_peaks(costs: StageCostModel, picks: list[StagePick], cut: np.ndarray,
-                microbatches: int) -> list[float]:
+def stage_peaks(
+    costs: StageCostModel, picks: list[StagePick], cut: np.ndarray, microbatches: int
+) -> list[float]:
     """Per-device peak bytes of each stage: state + in-flight stashes (1F1B) + working set."""
     peaks = []
     for s, p in enumerate(picks):
         rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
         i, j = p.start, p.stop - 1
         inflight = min(len(picks) - s, microbatches)
-        peaks.append(float(rc.static_memory[i, j] + inflight * rc.stash_memory[i, j]
-                           + rc.transient_memory[i, j]))
+        peaks.append(
+            float(
+                rc.static_memory[i, j]
+                + inflight * rc.stash_memory[i, j]
+                + rc.transient_memory[i, j]
+            )
+        )
     return peaks
 
 
@@ -374,8 +408,14 @@ class Session:
     """Plans one model on one cluster; caches graphs per micro-batch count and layer solves
     per intra-op method, so `compare` prices dozens of configurations for a few ILPs."""
 
-    def __init__(self, path: str, import_options: ImportOptions, cluster: Cluster,
-                 opts: CompileOptions, progress: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        import_options: ImportOptions,
+        cluster: Cluster,
+        opts: CompileOptions,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
         if opts.method not in METHODS:
             raise UserError(f"unknown --method {opts.method!r}: use one of {', '.join(METHODS)}")
         self.path, self.cluster, self.opts, self.progress = path, cluster, opts, progress
@@ -383,8 +423,9 @@ class Session:
         bound, self.batch_name = _batch_binding(path, import_options)
         self.bound = bound
         self.global_batch = opts.global_batch or bound
-        self.counts = _microbatch_candidates(self.global_batch, bound,
-                                             self.batch_name is not None, opts.microbatches)
+        self.counts = _microbatch_candidates(
+            self.global_batch, bound, self.batch_name is not None, opts.microbatches
+        )
         self._prepared: dict[int, Prepared] = {}
 
     def prepared(self, count: int) -> Prepared:
@@ -392,25 +433,35 @@ class Session:
             micro = self.global_batch // count if self.batch_name else self.bound
             options = _microbatch_import(self.path, self.import_options, self.batch_name, micro)
             model = import_model(self.path, options)
-            graph = (build_training_step(model, self.opts.training)
-                     if self.opts.mode == "train" else model).graph
+            graph = (
+                build_training_step(model, self.opts.training)
+                if self.opts.mode == "train"
+                else model
+            ).graph
             layers = assign_layers(graph, self.opts.layers)
-            self._prepared[count] = Prepared(count, options, model, graph, layers,
-                                             crossing_bytes(graph, layers))
+            self._prepared[count] = Prepared(
+                count, options, model, graph, layers, crossing_bytes(graph, layers)
+            )
         return self._prepared[count]
 
     def costs(self, prep: Prepared, method: str) -> StageCostModel:
         if method not in prep.costs:
             prep.costs[method] = StageCostModel(
-                prep.graph, prep.layers, self.cluster, method=method,
-                time_limit=self.opts.time_limit, progress=self.progress)
+                prep.graph,
+                prep.layers,
+                self.cluster,
+                method=method,
+                time_limit=self.opts.time_limit,
+                progress=self.progress,
+            )
         return prep.costs[method]
 
     def solves(self) -> int:
         return sum(c.solves for p in self._prepared.values() for c in p.costs.values())
 
-    def plan(self, method: str, count: int,
-             megatron: tuple[int, int, int] | None = None) -> Candidate | None:
+    def plan(
+        self, method: str, count: int, megatron: tuple[int, int, int] | None = None
+    ) -> Candidate | None:
         """The best plan for one method and micro-batch count; None if nothing fits."""
         prep = self.prepared(count)
         intra = {"auto": "shard", "megatron": "shard"}.get(method, method)
@@ -435,11 +486,22 @@ class Session:
                     grid_peak = max(stage_peaks(costs, grid, prep.cut, count))
                     if grid_peak <= self.cluster.device.memory_bytes:
                         picks, latency, peak = grid, t, grid_peak
-        return Candidate(count, prep.graph, prep.model, prep.import_options, prep.layers, costs,
-                         picks, latency, dp_optimum, peak)
+        return Candidate(
+            count,
+            prep.graph,
+            prep.model,
+            prep.import_options,
+            prep.layers,
+            costs,
+            picks,
+            latency,
+            dp_optimum,
+            peak,
+        )
 
-    def best(self, method: str, megatron: tuple[int, int, int] | None = None
-             ) -> tuple[Candidate | None, float]:
+    def best(
+        self, method: str, megatron: tuple[int, int, int] | None = None
+    ) -> tuple[Candidate | None, float]:
         """Best feasible candidate over the micro-batch counts, and the least memory any
         candidate needed (for the does-not-fit message)."""
         best, need = None, math.inf
@@ -468,16 +530,21 @@ def does_not_fit(need: float, cluster: Cluster) -> UserError:
     return UserError(
         f"does not fit: needs {need / gib:.1f} GiB per device, has "
         f"{cluster.device.memory_bytes / gib:.1f} GiB: use more or larger devices, a smaller "
-        "batch, or more micro-batches")
+        "batch, or more micro-batches"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
 
-def compile_plan(path: str, import_options: ImportOptions, cluster: Cluster,
-                 opts: CompileOptions, progress: Callable[[], None] | None = None
-                 ) -> CompileResult:
+def compile_plan(
+    path: str,
+    import_options: ImportOptions,
+    cluster: Cluster,
+    opts: CompileOptions,
+    progress: Callable[[], None] | None = None,
+) -> CompileResult:
     import time
 
     if opts.method == "megatron" and opts.megatron is None:
@@ -496,8 +563,9 @@ def compile_plan(path: str, import_options: ImportOptions, cluster: Cluster,
 
 
 def _alternatives(chosen, candidates) -> list[Alternative]:
-    others = sorted((s for s in candidates if s.name != chosen.name),
-                    key=lambda s: (s.cost, s.name))
+    others = sorted(
+        (s for s in candidates if s.name != chosen.name), key=lambda s: (s.cost, s.name)
+    )
     return [Alternative(strategy=s.name, cost=s.cost) for s in others[:ALTERNATIVES_KEPT]]
 
 
@@ -505,8 +573,17 @@ def _collectives(strategy) -> list[Collective]:
     out = []
     for c in strategy.collectives:
         index = int(c.tensor[3:]) if c.tensor.startswith("out") else 0
-        out.append(Collective(kind=c.kind, axes=list(c.axes), reduce=c.reduce_op, dim=c.dim,
-                              output=index, bytes=int(c.nbytes), seconds=c.seconds))
+        out.append(
+            Collective(
+                kind=c.kind,
+                axes=list(c.axes),
+                reduce=c.reduce_op,
+                dim=c.dim,
+                output=index,
+                bytes=int(c.nbytes),
+                seconds=c.seconds,
+            )
+        )
     return out
 
 
@@ -514,8 +591,9 @@ def _spec_text(spec) -> str | None:
     return None if spec is None else str(spec)
 
 
-def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOptions,
-               global_batch: int) -> Plan:
+def build_plan(
+    path: str, cand: Candidate, cluster: Cluster, opts: CompileOptions, global_batch: int
+) -> Plan:
     from pathlib import Path
 
     graph, costs = cand.graph, cand.costs
@@ -542,9 +620,17 @@ def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOption
             if id(sol) not in seen_solutions:
                 seen_solutions.add(id(sol))
                 st = sol.stats
-                ilps.append(IlpStats(stage=s, objective=st.objective, bound=st.lp_bound,
-                                     gap=st.mip_gap, variables=st.num_vars,
-                                     constraints=st.num_constraints, status=st.status))
+                ilps.append(
+                    IlpStats(
+                        stage=s,
+                        objective=st.objective,
+                        bound=st.lp_bound,
+                        gap=st.mip_gap,
+                        variables=st.num_vars,
+                        constraints=st.num_constraints,
+                        status=st.status,
+                    )
+                )
             rep = layer_sol.node_map[node.name]
             strategy = sol.strategies[rep]
             nodes[node.name] = NodePlan(
@@ -581,37 +667,58 @@ def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOption
             grads=0.0,
             optimizer_state=0.0,
             activations=float(inflight * rc.stash_memory[i, j]),
-            peak=float(rc.static_memory[i, j] + inflight * rc.stash_memory[i, j]
-                       + rc.transient_memory[i, j]),
+            peak=float(
+                rc.static_memory[i, j]
+                + inflight * rc.stash_memory[i, j]
+                + rc.transient_memory[i, j]
+            ),
         )
         memory = _with_state_breakdown(costs, pick, memory)
-        stages.append(StagePlan(
-            index=s,
-            layers=list(range(pick.start, pick.stop)),
-            submesh=Submesh(hosts=sorted({cluster.host_of(d) for d in pick.devices}),
-                            devices=list(pick.devices)),
-            logical_mesh=LogicalMeshPlan(shape=list(pick.mesh.shape),
-                                         device_ids=_mesh_rows(pick.mesh)),
-            nodes=nodes, params=params, inputs=inputs, outputs=outputs,
-            compute=float(rc.compute[i, j]), communication=float(rc.communication[i, j]),
-            memory=memory,
-        ))
+        stages.append(
+            StagePlan(
+                index=s,
+                layers=list(range(pick.start, pick.stop)),
+                submesh=Submesh(
+                    hosts=sorted({cluster.host_of(d) for d in pick.devices}),
+                    devices=list(pick.devices),
+                ),
+                logical_mesh=LogicalMeshPlan(
+                    shape=list(pick.mesh.shape), device_ids=_mesh_rows(pick.mesh)
+                ),
+                nodes=nodes,
+                params=params,
+                inputs=inputs,
+                outputs=outputs,
+                compute=float(rc.compute[i, j]),
+                communication=float(rc.communication[i, j]),
+                memory=memory,
+            )
+        )
     transfers = _transfers(graph, cand, stage_of_node, cluster)
     predicted = _predict(graph, cand, cluster, opts, times, stages)
     model_file = Path(path).name
     bound = {v.name: list(shape_of(v)) for v in cand.model.graph.inputs}
     return Plan(
         producer=Producer(version=__version__),
-        model=ModelIdentity(file=model_file, structure_sha256=structure_hash(cand.model),
-                            dims=dict(cand.import_options.dims), input_shapes=bound),
+        model=ModelIdentity(
+            file=model_file,
+            structure_sha256=structure_hash(cand.model),
+            dims=dict(cand.import_options.dims),
+            input_shapes=bound,
+        ),
         cluster=cluster.model_dump(mode="json"),
         options=Options(
-            method=opts.method, mode=opts.mode, dtype="float32",
+            method=opts.method,
+            mode=opts.mode,
+            dtype="float32",
             training=_training_config(opts) if opts.mode == "train" else None,
-            global_batch=global_batch, microbatches=cand.microbatches,
-            schedule=opts.schedule, layers=len(cand.layers),
+            global_batch=global_batch,
+            microbatches=cand.microbatches,
+            schedule=opts.schedule,
+            layers=len(cand.layers),
             megatron=dict(zip(("dp", "tp", "pp"), opts.megatron, strict=True))
-            if opts.megatron else None,
+            if opts.megatron
+            else None,
         ),
         solver=SolverStats(ilps=ilps, dp_optimum=cand.dp_optimum),
         stages=stages,
@@ -620,16 +727,22 @@ def build_plan(path: str, cand: Candidate, cluster: Cluster, opts: CompileOption
     )
 
 
-def _with_state_breakdown(costs: StageCostModel, pick: StagePick, memory: StageMemory
-                          ) -> StageMemory:
+def _with_state_breakdown(
+    costs: StageCostModel, pick: StagePick, memory: StageMemory
+) -> StageMemory:
     """Split the stage's static bytes into parameters, gradients and optimizer state."""
     totals = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}
     for layer in range(pick.start, pick.stop):
         mem = costs.layer(layer, pick.mesh).solution.memory
         for key in totals:
             totals[key] += mem[key]
-    return memory.model_copy(update={"params": totals["params"], "grads": totals["grads"],
-                                     "optimizer_state": totals["opt_state"]})
+    return memory.model_copy(
+        update={
+            "params": totals["params"],
+            "grads": totals["grads"],
+            "optimizer_state": totals["opt_state"],
+        }
+    )
 
 
 def _mesh_rows(mesh: LogicalMesh) -> list[list[int]]:
@@ -639,12 +752,21 @@ def _mesh_rows(mesh: LogicalMesh) -> list[list[int]]:
 
 def _training_config(opts: CompileOptions) -> TrainingConfig:
     t = opts.training
-    return TrainingConfig(loss=t.loss, labels=t.labels, optimizer=t.optimizer, lr=t.lr,
-                          beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
+    return TrainingConfig(
+        loss=t.loss,
+        labels=t.labels,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        beta1=t.beta1,
+        beta2=t.beta2,
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+    )
 
 
-def _transfers(graph: ir.Graph, cand: Candidate, stage_of_node: dict[str, int],
-               cluster: Cluster) -> list[Transfer]:
+def _transfers(
+    graph: ir.Graph, cand: Candidate, stage_of_node: dict[str, int], cluster: Cluster
+) -> list[Transfer]:
     from cost_models.collectives import send_recv
     from planner.graph import nbytes
 
@@ -663,16 +785,30 @@ def _transfers(graph: ir.Graph, cand: Candidate, stage_of_node: dict[str, int],
             for dst, spec in sorted(dests.items()):
                 link = cluster.inter_host if cluster.hosts > 1 else cluster.intra_host
                 size = nbytes(value)
-                out.append(Transfer(
-                    tensor=value.name, src_stage=src, dst_stage=dst, src_spec=str(src_spec),
-                    dst_spec=spec, bytes=int(size),
-                    seconds=send_recv(size / len(cand.stages[dst].devices), link.latency,
-                                      link.bandwidth)))
+                out.append(
+                    Transfer(
+                        tensor=value.name,
+                        src_stage=src,
+                        dst_stage=dst,
+                        src_spec=str(src_spec),
+                        dst_spec=spec,
+                        bytes=int(size),
+                        seconds=send_recv(
+                            size / len(cand.stages[dst].devices), link.latency, link.bandwidth
+                        ),
+                    )
+                )
     return out
 
 
-def _predict(graph: ir.Graph, cand: Candidate, cluster: Cluster, opts: CompileOptions,
-             times: list[tuple[float, float]], stages: list[StagePlan]) -> Predicted:
+def _predict(
+    graph: ir.Graph,
+    cand: Candidate,
+    cluster: Cluster,
+    opts: CompileOptions,
+    times: list[tuple[float, float]],
+    stages: list[StagePlan],
+) -> Predicted:
     b = cand.microbatches
     per_mb = [t for t, _ in times]
     per_step = [u for _, u in times]
@@ -688,11 +824,18 @@ def _predict(graph: ir.Graph, cand: Candidate, cluster: Cluster, opts: CompileOp
     predictions = []
     for stage, t, u in zip(stages, per_mb, per_step, strict=True):
         compute = stage.compute / max(stage.compute + stage.communication, 1e-30) * t
-        predictions.append(StagePrediction(
-            compute=b * compute, communication=b * (t - compute) + u,
-            bubble=max(0.0, iteration - b * t - u)))
-    mfu = flops / (iteration * cluster.num_devices * peak_flops(cluster.device)) \
-        if iteration > 0 else 0.0
+        predictions.append(
+            StagePrediction(
+                compute=b * compute,
+                communication=b * (t - compute) + u,
+                bubble=max(0.0, iteration - b * t - u),
+            )
+        )
+    mfu = (
+        flops / (iteration * cluster.num_devices * peak_flops(cluster.device))
+        if iteration > 0
+        else 0.0
+    )
     return Predicted(
         iteration_time=iteration,
         stages=predictions,
@@ -702,4 +845,3 @@ def _predict(graph: ir.Graph, cand: Candidate, cluster: Cluster, opts: CompileOp
         compute_lower_bound=lower,
         ratio_to_lower_bound=iteration / lower if lower > 0 else 0.0,
     )
-
