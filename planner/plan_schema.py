@@ -10,6 +10,10 @@ Sharding specs are strings in ``planner.sharding``'s canonical form: one token p
 ``R`` (replicated) or ``S`` + mesh axes (``S0``, ``S1``, ``S01``), comma-separated; a partial
 sum is appended as ``|P0``. Scalars have the empty spec.
 
+Units: seconds and bytes. Node, stage and transfer costs are per execution of one
+micro-batch (the update's per step); ``predicted`` is per training iteration (all
+micro-batches): per stage, compute + communication + bubble = iteration time.
+
 Bump ``SCHEMA_VERSION`` on any change an older executor would misread.
 """
 
