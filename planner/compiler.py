@@ -169,11 +169,13 @@ def _microbatch_import(
 
 
 def submesh_shapes(cluster: Cluster) -> list[tuple[int, int]]:
-    """(1, 2^k) inside a host and (n, M) whole hosts (Alpa §2.3): any exact cover tiles."""
+    """(1, 2^k) inside a host and (2^k, M) whole hosts plus the whole cluster (Alpa §2.3,
+    "power_of_two"): any exact cover of these tiles the cluster."""
     m = cluster.devices_per_host
     inside = sorted({*(2**k for k in range(int(math.log2(m)) + 1)), m})
     shapes = [(1, d) for d in inside if d <= m]
-    shapes += [(n, m) for n in range(2, cluster.hosts + 1)]
+    hosts = sorted({*(2**k for k in range(1, int(math.log2(cluster.hosts)) + 1)), cluster.hosts})
+    shapes += [(n, m) for n in hosts if n > 1]
     return shapes
 
 

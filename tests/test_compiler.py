@@ -127,7 +127,8 @@ def test_inference_plan_has_no_update_nodes(tmp_path):
 
 def test_submeshes_tile_the_cluster():
     cluster = resolve_cluster("p3.16xlarge:4")
-    assert submesh_shapes(cluster) == [(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (3, 8), (4, 8)]
+    assert submesh_shapes(cluster) == [(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8)]
+    assert submesh_shapes(resolve_cluster("dgx-a100:3"))[-2:] == [(2, 8), (3, 8)]
     shapes = [(2, 8), (1, 4), (1, 2), (1, 2), (1, 8)]
     placed = place_stages(cluster, shapes)
     flat = sorted(d for p in placed for d in p)

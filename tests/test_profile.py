@@ -1,0 +1,95 @@
+"""`alpa-plan profile`: the alpha-beta fit, the measured cluster and its yaml (no timing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cost_models import collectives as c
+from cost_models.cluster import resolve_cluster
+from cost_models.profile import cluster_from_measurements, fit_link, profile, yaml_text
+from planner.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPHA, BW = 30e-6, 2e9
+
+
+def _exact(kind: str, ranks: int, nbytes: int) -> dict:
+    if kind == "send_recv":
+        seconds = c.send_recv(nbytes, ALPHA, BW)
+    else:
+        seconds = c.COLLECTIVES[kind](nbytes, c.flat_link(ranks, ALPHA, BW))
+    return {"kind": kind, "ranks": ranks, "bytes": nbytes, "seconds": seconds}
+
+
+SAMPLES = [
+    _exact(kind, 2 if kind == "send_recv" else 4, n)
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+    for n in (64, 65536, 1 << 22)
+]
+
+
+def test_fit_recovers_the_formulas_parameters():
+    alpha, bw, error = fit_link(SAMPLES + [{**SAMPLES[0], "seconds": 0.0}])  # 0 s: dropped
+    assert alpha == pytest.approx(ALPHA, rel=1e-6) and bw == pytest.approx(BW, rel=1e-6)
+    assert error < 1e-9
+    with pytest.raises(UserError, match="no communication samples"):
+        fit_link([])
+
+
+def _rank(flops: float) -> dict:
+    return {
+        "matmul_flops": {"float32": {64: flops / 2, 512: flops}, "float64": {256: flops / 2}},
+        "memory_bandwidth": flops / 10,
+        "kernel_latency": 2e-6,
+        "session_call": 5e-6,
+    }
+
+
+def test_measured_cluster_keeps_the_layout_and_round_trips(tmp_path):
+    base = resolve_cluster("cpu:2x2")
+    measured = {"ranks": 4, "threads": 1, "compute": [_rank(4e10), _rank(3e10)], "comm": SAMPLES}
+    cluster, summary = cluster_from_measurements(base, measured)
+    d = cluster.device
+    assert (cluster.name, cluster.hosts, cluster.devices_per_host) == ("cpu:2x2", 2, 2)
+    assert d.peak_flops == {"float32": 3e10, "float64": 1.5e10}  # the slowest rank's best
+    assert (d.compute_efficiency, d.memory_efficiency, d.kernel_latency) == (1.0, 1.0, 2e-6)
+    assert cluster.intra_host == cluster.inter_host
+    assert cluster.intra_host.latency == pytest.approx(ALPHA)
+    path = tmp_path / "measured.yaml"
+    path.write_text(yaml_text(cluster, "cpu:2x2", summary))
+    assert resolve_cluster(str(path)) == cluster
+
+
+def test_profile_refuses_gpu_clusters(tmp_path):
+    with pytest.raises(UserError, match="gpu cluster"):
+        profile("dgx-a100", str(tmp_path / "x.yaml"))
+
+
+@pytest.mark.slow
+def test_profile_command_writes_a_cluster_compile_accepts(tmp_path):
+    out = tmp_path / "measured.yaml"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "profile",
+            "--cluster",
+            "cpu:2",
+            "-o",
+            str(out),
+            "--budget",
+            "0.005",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    cluster = resolve_cluster(str(out))
+    assert cluster.num_devices == 2 and cluster.device.compute_efficiency == 1.0
