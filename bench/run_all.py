@@ -87,15 +87,12 @@ def intra_op_section() -> list[str]:
     return rows + ["", f"Worst MIP gap: {worst:.3%}.", ""]
 
 
-def _suite() -> list[tuple[str, int]]:
-    """(file, GPUs) of the suite models in bench/models/manifest.json, smallest first."""
-    manifest = MODELS / "manifest.json"
-    if not manifest.exists():
-        return [("gpt3-2.6b.graph.onnx", 8), ("gpt3-39b.graph.onnx", 64)]
-    models = json.loads(manifest.read_text())["models"].values()
+def _suite() -> list[tuple[str, int, int]]:
+    """(file, GPUs, global batch) of the suite models in bench/models/manifest.json."""
+    models = json.loads((MODELS / "manifest.json").read_text())["models"].values()
     return sorted(
-        ((m["file"], int(m["num_gpus"])) for m in models),
-        key=lambda fm: (fm[0].split("-")[0], fm[1]),
+        ((m["file"], int(m["num_gpus"]), int(m.get("global_batch", GLOBAL_BATCH))) for m in models),
+        key=lambda row: (row[0].split("-")[0], row[1]),
     )
 
 
@@ -117,11 +114,11 @@ def planning_section(only: set[str] | None) -> list[str]:
         "Megatron iter | auto / Megatron | peak mem (auto) | device mem |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, gpus in _suite():
+    for name, gpus, global_batch in _suite():
         if only and not any(o in name for o in only):
             continue
         cluster = p3_cluster(gpus)
-        opts = CompileOptions(method="auto", training=TRAIN, global_batch=GLOBAL_BATCH)
+        opts = CompileOptions(method="auto", training=TRAIN, global_batch=global_batch)
         path = str(_path(name))
         start = time.perf_counter()
         try:

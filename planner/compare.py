@@ -30,8 +30,9 @@ class Row:
 
 
 def _mfu(cand: Candidate, cluster: Cluster) -> float:
-    flops = sum(node_flops(n) * (1 if phase_of(n) == "update" else cand.microbatches)
-                for n in cand.graph)
+    flops = sum(
+        node_flops(n) * (1 if phase_of(n) == "update" else cand.microbatches) for n in cand.graph
+    )
     return flops / (cand.latency * cluster.num_devices * peak_flops(cluster.device))
 
 
@@ -40,16 +41,19 @@ def _config(cand: Candidate) -> str:
     return f"{len(cand.stages)} stage(s) [{meshes}], {cand.microbatches} micro-batches"
 
 
-def _row(method: str, cand: Candidate | None, need: float, cluster: Cluster,
-         config: str | None = None) -> Row:
+def _row(
+    method: str, cand: Candidate | None, need: float, cluster: Cluster, config: str | None = None
+) -> Row:
     if cand is None:
         return Row(method, f"needs {need / 2**30:.1f} GiB/device", None, need, None, False)
-    return Row(method, config or _config(cand), cand.latency, cand.peak_memory,
-               _mfu(cand, cluster), True)
+    return Row(
+        method, config or _config(cand), cand.latency, cand.peak_memory, _mfu(cand, cluster), True
+    )
 
 
-def compare(path: str, import_options: ImportOptions, cluster: Cluster,
-            opts: CompileOptions) -> list[Row]:
+def compare(
+    path: str, import_options: ImportOptions, cluster: Cluster, opts: CompileOptions
+) -> list[Row]:
     session = Session(path, import_options, cluster, opts)
     rows = [_row(m, *session.best(m), cluster) for m in SINGLE_METHODS]
     best: tuple[float, Candidate, tuple] | None = None
@@ -63,8 +67,9 @@ def compare(path: str, import_options: ImportOptions, cluster: Cluster,
             if best is None or cand.latency < best[0] - 1e-15:
                 best = (cand.latency, cand, point)
     if best is None:
-        rows.append(Row(f"megatron (best of {points})", "no grid point fits", None, None, None,
-                        False))
+        rows.append(
+            Row(f"megatron (best of {points})", "no grid point fits", None, None, None, False)
+        )
     else:
         _, cand, (dp, tp, pp) = best
         config = f"dp={dp} tp={tp} pp={pp}, {cand.microbatches} micro-batches"

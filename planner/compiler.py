@@ -342,7 +342,7 @@ def _megatron_stages(
     picks = []
     for s, (start, stop) in enumerate(_uniform_stages(costs.layers, pp)):
         devices = tuple(range(s * per_stage, (s + 1) * per_stage))
-        shape = (dp, tp) if dp > 1 and tp > 1 else (per_stage,)
+        shape = (dp, tp)  # axis 0 data parallel, axis 1 tensor parallel (either may be 1)
         picks.append(StagePick(start, stop, devices, make_mesh(cluster, devices, shape)))
     return picks
 
@@ -449,13 +449,9 @@ class Session:
     def costs(self, prep: Prepared, method: str) -> StageCostModel:
         if method not in prep.costs:
             prep.costs[method] = StageCostModel(
-                prep.graph,
-                prep.layers,
-                self.cluster,
-                method=method,
-                time_limit=self.opts.time_limit,
-                progress=self.progress,
-            )
+                prep.graph, prep.layers, self.cluster, method=method,
+                time_limit=self.opts.time_limit, progress=self.progress,
+                step_weight=1.0 / prep.microbatches)
         return prep.costs[method]
 
     def solves(self) -> int:
@@ -466,7 +462,7 @@ class Session:
     ) -> Candidate | None:
         """The best plan for one method and micro-batch count; None if nothing fits."""
         prep = self.prepared(count)
-        intra = {"auto": "shard", "megatron": "shard"}.get(method, method)
+        intra = {"auto": "shard"}.get(method, method)
         costs = self.costs(prep, intra)
         dp_optimum = None
         if method == "auto":

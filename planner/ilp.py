@@ -35,6 +35,11 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
+# HiGHS's tolerances are absolute (1e-7 on reduced costs, 1e-6 on the MIP gap): costs in
+# seconds would sit below them, so the solver sees microseconds and only a relative gap.
+OBJECTIVE_SCALE = 1e6
+MIP_REL_GAP = 1e-4
+
 
 @dataclass
 class Column:
@@ -114,7 +119,8 @@ class Ilp:
             h.setOptionValue("output_flag", False)
             h.setOptionValue("threads", 1)
             h.setOptionValue("random_seed", 0)
-            h.setOptionValue("mip_rel_gap", 1e-4)
+            h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
+            h.setOptionValue("mip_abs_gap", 0.0)
             if time_limit is not None:
                 h.setOptionValue("time_limit", float(time_limit))
             h.passModel(self._lp())
@@ -130,9 +136,8 @@ class Ilp:
         else:
             x = np.asarray(h.getSolution().col_value)
         objective = float(np.dot(x, [c.cost for c in self.columns])) + self.constant
-        bound = (
-            info.mip_dual_bound + self.constant if np.isfinite(info.mip_dual_bound) else objective
-        )
+        dual = info.mip_dual_bound / OBJECTIVE_SCALE
+        bound = dual + self.constant if np.isfinite(dual) else objective
         stats = IlpStats(
             status,
             objective,
@@ -150,7 +155,7 @@ class Ilp:
         n = len(self.columns)
         lp.num_col_ = n
         lp.num_row_ = len(self.rows)
-        lp.col_cost_ = np.array([c.cost for c in self.columns], dtype=np.float64)
+        lp.col_cost_ = np.array([c.cost for c in self.columns], dtype=np.float64) * OBJECTIVE_SCALE
         lp.col_lower_ = np.zeros(n)
         lp.col_upper_ = np.ones(n)
         lp.col_names_ = [c.name for c in self.columns]

@@ -135,8 +135,13 @@ def _cast_like_to_cast(graph: ir.Graph) -> None:
         like = node.inputs[1] if node.op_type == "CastLike" and len(node.inputs) > 1 else None
         if like is None or like.dtype is None:
             continue
-        cast = ir.Node("", "Cast", [node.inputs[0]], attributes=[ir.AttrInt64("to", like.dtype)],
-                       name=node.name)
+        cast = ir.Node(
+            "",
+            "Cast",
+            [node.inputs[0]],
+            attributes=[ir.AttrInt64("to", like.dtype)],
+            name=node.name,
+        )
         graph.insert_before(node, cast)
         out = cast.outputs[0]
         out.name, out.type = node.outputs[0].name, node.outputs[0].type
@@ -168,15 +173,26 @@ def _sequence_splits_to_split(graph: ir.Graph) -> None:
         shape = node.inputs[0].shape
         sizes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
         axis = node.attributes.get_int("axis", 0)
-        if (not uses or any(u.op_type != "SequenceAt" for u in uses) or None in indices
-                or sizes is None or shape is None or not isinstance(shape[axis], int)):
+        if (
+            not uses
+            or any(u.op_type != "SequenceAt" for u in uses)
+            or None in indices
+            or sizes is None
+            or shape is None
+            or not isinstance(shape[axis], int)
+        ):
             continue
         if len(sizes) == 1:  # a scalar chunk size: equal chunks, the last one may be short
             full, rest = divmod(shape[axis], sizes[0])
             sizes = [sizes[0]] * full + ([rest] if rest else [])
-        split = ir.Node("", "Split", [node.inputs[0], _int64_const(graph, sizes, node.name)],
-                        attributes=[ir.AttrInt64("axis", axis)], num_outputs=len(sizes),
-                        name=node.name)
+        split = ir.Node(
+            "",
+            "Split",
+            [node.inputs[0], _int64_const(graph, sizes, node.name)],
+            attributes=[ir.AttrInt64("axis", axis)],
+            num_outputs=len(sizes),
+            name=node.name,
+        )
         graph.insert_before(node, split)
         for user, index in zip(uses, indices, strict=True):
             out = split.outputs[index[0] % len(sizes)]
@@ -188,8 +204,9 @@ def _sequence_splits_to_split(graph: ir.Graph) -> None:
 
 
 def _int64_const(graph: ir.Graph, data: list[int], name: str | None) -> ir.Value:
-    value = ir.Value(name=f"{name or 'split'}_sizes",
-                     const_value=ir.tensor(np.array(data, np.int64)))
+    value = ir.Value(
+        name=f"{name or 'split'}_sizes", const_value=ir.tensor(np.array(data, np.int64))
+    )
     value.shape = ir.Shape([len(data)])
     value.type = ir.TensorType(ir.DataType.INT64)
     set_role(value, Role.CONST)

@@ -20,8 +20,19 @@ Shrinking, as Alpa does (``_merge``):
 Methods are filters on the same machinery: ``data`` flattens the mesh, keeps parameters and
 optimizer state replicated and splits the batch dim (dim 0) of every graph input;
 ``zero2`` also shards optimizer state and requires gradients reduce-scattered; ``zero3``
-also shards parameters (consumers pay the all-gather as resharding). A filter that would
-leave a vertex without strategies is skipped for it and noted in ``solution.notes``.
+also shards parameters (consumers pay the all-gather as resharding); ``megatron`` (Alpa's
+3-D method) keeps a 2-D mesh, splits graph inputs' batch dim over axis 0 and never splits
+parameters or optimizer state over it, leaving axis 1 to the ILP (on a 1-D mesh it is
+``data``). A filter that would leave a vertex without strategies is skipped for it and noted
+in ``solution.notes``.
+
+Costs paid once per training step (update nodes, the communication of nodes producing final
+gradients, resharding into update nodes and sinks) are weighted by ``step_weight`` in the
+objective and reported unweighted, as ``per_step``, in the solution.
+
+Speed: strategies are memoized per op signature, resharding per (specs, shape, mesh), edges
+are costed per distinct spec pair with numpy, and ``_build_ilp`` applies exact reductions
+before HiGHS (parallel edge families combined, single-neighbour groups folded).
 """
 
 from __future__ import annotations
@@ -55,6 +66,10 @@ class IntraOpOptions:
     # Objective weight of once-per-step costs (update nodes, gradient synchronisation) against
     # per-micro-batch ones: 1 / micro-batches under gradient accumulation.
     step_weight: float = 1.0
+    # Solving one layer of a longer chain: activations entering or leaving the node subset
+    # may only be split along dim 0 (the batch), so a layer cannot hand its neighbours a
+    # layout whose resharding its own ILP never paid for.
+    boundary: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,12 @@ class _Builder:
         self.producer: dict[int, tuple[int, int]] = {}  # id(value) -> (vertex, output)
         self.source_of: dict[str, int] = {}
         inside = {id(n) for n in nodes}
+        self.leaving = {
+            id(o)
+            for n in nodes
+            for o in n.outputs
+            if any(id(u.node) not in inside for u in o.uses())
+        } if options.boundary else set()
         for node in nodes:
             for v in node.inputs:
                 if v is not None and (v.producer() is None or id(v.producer()) not in inside):
@@ -193,7 +214,11 @@ class _Builder:
         for i, node in enumerate(nodes):
             grads = [role_of(o) is Role.GRAD for o in node.outputs]
             update = node.metadata_props.get(PHASE_KEY) == "update"
-            ctx = StrategyContext(cluster.device, reduce_scatter=self._wants_rs(node, any(grads)))
+            ctx = StrategyContext(
+                cluster.device,
+                reduce_scatter=self._wants_rs(node, any(grads)),
+                bucketed=frozenset(f"out{j}" for j, g in enumerate(grads) if g),
+            )
             vid = self._add(
                 _Vertex(
                     node.name or f"{node.op_type}_{i}",
@@ -306,6 +331,8 @@ class _Builder:
         return found
 
     def _filter_source(self, value: ir.Value, role: Role, specs: list[ShardingSpec]):
+        if self.options.boundary and role is Role.ACTIVATION:
+            specs = self._keep(value.name or "?", specs, [s for s in specs if _batch_only(s)])
         method = self.method
         if method == "shard":
             return specs
@@ -339,11 +366,21 @@ class _Builder:
         return specs
 
     def _filter_node(self, node: ir.Node, grads: list[bool], found: list[Strategy]):
+        leaving = [j for j, o in enumerate(node.outputs)
+                   if id(o) in self.leaving and role_of(o) is Role.ACTIVATION]
+        if leaving:
+            found = self._keep(node.name or node.op_type, found, [
+                s for s in found if all(_batch_only(s.outputs[j]) for j in leaving)])
         if self.method not in ("zero2", "zero3") or not any(grads):
             return found
         outs = [j for j, g in enumerate(grads) if g]
         kept = [s for s in found if all(self._fully_split(s.outputs[j]) for j in outs)]
         return self._keep(node.name or node.op_type, found, kept)
+
+
+def _batch_only(spec: ShardingSpec) -> bool:
+    """Replicated, or split along dim 0 only, with no partial sum."""
+    return not spec.partial and not any(spec.dims[1:])
 
 
 def _follow_slot(builder: _Builder, v: int) -> int | None:
@@ -384,9 +421,10 @@ class _Groups:
         u, out = b.vertices[v].inputs[slot]
         srcs, dsts = b.out_keys[u][out], b.in_keys[v][slot]
         want = b.in_idx[v][slot]
-        cost = b.cost[v][None, :] + b.table.matrix(
-            srcs, dsts, b.tensor(b.vertices[v].node.inputs[slot])
-        )[:, want]
+        cost = (
+            b.cost[v][None, :]
+            + b.table.matrix(srcs, dsts, b.tensor(b.vertices[v].node.inputs[slot]))[:, want]
+        )
         same = np.array([[a == d for d in dsts] for a in srcs], dtype=bool)[:, want]
         exact = np.where(same, cost, np.inf)
         best = np.where(same.any(axis=1), exact.argmin(axis=1), cost.argmin(axis=1))
@@ -394,9 +432,12 @@ class _Groups:
 
     def merge_into_reader(self, src: int, reader: int, slot: int) -> None:
         b = self.b
-        cost = b.cost[src][:, None] + b.table.matrix(
-            b.out_keys[src][0], b.in_keys[reader][slot], b.tensor(b.vertices[src].value)
-        )[b.out_idx[src][0]]
+        cost = (
+            b.cost[src][:, None]
+            + b.table.matrix(
+                b.out_keys[src][0], b.in_keys[reader][slot], b.tensor(b.vertices[src].value)
+            )[b.out_idx[src][0]]
+        )
         best = cost.argmin(axis=0)
         self._join(src, self.group[reader], best[self.in_index(reader, slot)])
 
@@ -437,11 +478,91 @@ def _weights(vx: _Vertex, step_weight: float) -> tuple[float, float, float]:
     return tuple(step_weight if once else 1.0 for once in vx.once)  # type: ignore[return-value]
 
 
-def _build_ilp(builder: _Builder, groups: _Groups, options: IntraOpOptions) -> tuple[Ilp, dict]:
+@dataclass
+class _Family:
+    """Edges between two groups as one cost matrix over their distinct spec keys."""
+
+    name: str
+    gu: int
+    gv: int
+    a: np.ndarray  # per strategy of gu: its key (row of ``cost``)
+    b: np.ndarray  # per strategy of gv: its key (column of ``cost``)
+    atext: list[str]
+    btext: list[str]
+    cost: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.cost.size
+
+    def flipped(self) -> _Family:
+        return _Family(
+            self.name, self.gv, self.gu, self.b, self.a, self.btext, self.atext, self.cost.T
+        )
+
+    def combined(self, other: _Family) -> _Family:
+        """Both families' edges as one (same groups, same orientation): key = key pair."""
+        a, ai, ax = _pair_keys(self.a, other.a, self.atext, other.atext)
+        b, bi, bx = _pair_keys(self.b, other.b, self.btext, other.btext)
+        cost = self.cost[np.ix_(ai[0], bi[0])] + other.cost[np.ix_(ai[1], bi[1])]
+        return _Family(f"{self.name}+{other.name}", self.gu, self.gv, a, b, ax, bx, cost)
+
+
+def _pair_keys(x: np.ndarray, y: np.ndarray, xt: list[str], yt: list[str]):
+    """Keys of the pairs (x[k], y[k]) in first-seen order, their components, their text."""
+    pairs = list(zip(x.tolist(), y.tolist(), strict=True))
+    keys = list(dict.fromkeys(pairs))
+    where = {p: i for i, p in enumerate(keys)}
+    idx = np.array([where[p] for p in pairs], dtype=np.intp)
+    parts = (np.array([p[0] for p in keys]), np.array([p[1] for p in keys]))
+    return idx, parts, [f"{xt[i]}&{yt[j]}" for i, j in keys]
+
+
+@dataclass
+class _Eliminated:
+    """A leaf group folded into its only neighbour: its strategy per neighbour key."""
+
+    group: int
+    neighbour: int
+    keys: np.ndarray  # per strategy of the neighbour: its key in the family
+    best: np.ndarray  # per key: the leaf's cheapest strategy
+
+
+def _build_ilp(
+    builder: _Builder, groups: _Groups, options: IntraOpOptions
+) -> tuple[Ilp, dict[int, list[int]], list[_Eliminated]]:
     """Columns per group strategy and per edge-family spec pair (see ``planner.ilp``);
-    once-per-step costs are weighted by ``options.step_weight``."""
-    b, verts = builder, builder.vertices
+    once-per-step costs are weighted by ``options.step_weight``. Exact reductions first:
+    parallel families between two groups become one when that has fewer edge columns, and
+    (without a memory budget) groups with a single neighbour are folded into it."""
+    node_cost, families = _costs(builder, groups, options)
+    families = _merge_parallel(families)
+    eliminated = [] if options.memory_budget is not None else _fold_leaves(node_cost, families)
+    verts = builder.vertices
     ilp = Ilp()
+    cols: dict[int, list[int]] = {}
+    for g in sorted(node_cost):
+        name = verts[g].name
+        if groups.size[g] == 1:
+            ilp.constant += float(node_cost[g][0].sum())
+            continue
+        cols[g] = [
+            ilp.add_column(Column(f"s[{name}][{k}]", *map(float, node_cost[g][k])))
+            for k in range(groups.size[g])
+        ]
+        ilp.add_unique_choice(name, cols[g])
+    for f in families:
+        _add_family(ilp, f, cols[f.gu], cols[f.gv])
+    if options.memory_budget is not None:
+        _add_memory_rows(ilp, builder, groups, cols, options.memory_budget)
+    return ilp, cols, eliminated
+
+
+def _costs(
+    builder: _Builder, groups: _Groups, options: IntraOpOptions
+) -> tuple[dict[int, np.ndarray], list[_Family]]:
+    """(compute, comm, resharding) per group strategy, and the edges between groups."""
+    b, verts = builder, builder.vertices
     node_cost: dict[int, np.ndarray] = {g: np.zeros((k, 3)) for g, k in groups.size.items()}
     weights = [_weights(vx, options.step_weight) for vx in verts]
     for v in range(len(verts)):
@@ -466,63 +587,98 @@ def _build_ilp(builder: _Builder, groups: _Groups, options: IntraOpOptions) -> t
             elif groups.size[gv] == 1:
                 node_cost[gu][:, 2] += b.table.pairs(srcs, a, dsts, d[[0] * len(a)], tensor) * w
             else:
-                families.append((values[slot], vx.name, gu, gv, srcs, a, dsts, d, w))
-    cols: dict[int, list[int]] = {}
-    for g in sorted(groups.size):
-        name = verts[g].name
-        if groups.size[g] == 1:
-            ilp.constant += float(node_cost[g][0].sum())
+                akeys, ai = _index(a.tolist())
+                bkeys, bi = _index(d.tolist())
+                cost = b.table.matrix([srcs[i] for i in akeys], [dsts[j] for j in bkeys], tensor)
+                families.append(
+                    _Family(
+                        f"{values[slot].name}->{vx.name}",
+                        gu,
+                        gv,
+                        ai,
+                        bi,
+                        [str(srcs[i]) for i in akeys],
+                        [str(dsts[j]) for j in bkeys],
+                        cost * w,
+                    )
+                )
+    return node_cost, families
+
+
+def _merge_parallel(families: list[_Family]) -> list[_Family]:
+    """Families between the same two groups combined while that shrinks the edge columns."""
+    merged: dict[tuple[int, int], list[_Family]] = {}
+    for f in families:
+        bucket = merged.setdefault((min(f.gu, f.gv), max(f.gu, f.gv)), [])
+        for i, g in enumerate(bucket):
+            both = g.combined(f if f.gu == g.gu else f.flipped())
+            if both.size <= g.size + f.size:
+                bucket[i] = both
+                break
+        else:
+            bucket.append(f)
+    return [f for bucket in merged.values() for f in bucket]
+
+
+def _fold_leaves(node_cost: dict[int, np.ndarray], families: list[_Family]) -> list[_Eliminated]:
+    """Fold every group whose edges all go to one other group into that group (repeatedly):
+    the neighbour's strategy l then pays the leaf's cheapest strategy given l's spec key."""
+    incident: dict[int, list[_Family]] = {}
+    for f in families:
+        incident.setdefault(f.gu, []).append(f)
+        incident.setdefault(f.gv, []).append(f)
+
+    def neighbours(g: int) -> set[int]:
+        return {f.gv if f.gu == g else f.gu for f in incident.get(g, ())}
+
+    eliminated = []
+    queue = [g for g in sorted(incident) if len(neighbours(g)) == 1]
+    while queue:
+        g = queue.pop()
+        if len(neighbours(g)) != 1:
             continue
-        cols[g] = [
-            ilp.add_column(Column(f"s[{name}][{k}]", *map(float, node_cost[g][k])))
-            for k in range(groups.size[g])
-        ]
-        ilp.add_unique_choice(name, cols[g])
-    for value, consumer, gu, gv, srcs, a, dsts, d, w in families:
-        _add_family(
-            ilp, f"{value.name}->{consumer}", b, value, (srcs, a, cols[gu]), (dsts, d, cols[gv]), w
-        )
-    if options.memory_budget is not None:
-        _add_memory_rows(ilp, builder, groups, cols, options.memory_budget)
-    return ilp, cols
+        edges = incident.pop(g)
+        oriented = [f if f.gu == g else f.flipped() for f in edges]
+        f = oriented[0]
+        for other in oriented[1:]:
+            f = f.combined(other)
+        h = f.gv
+        per_key = node_cost[g].sum(axis=1)[:, None] + f.cost[f.a]  # leaf strategy x h key
+        best = per_key.argmin(axis=0)
+        fold = node_cost[g][best]
+        fold[:, 2] += f.cost[f.a[best], np.arange(len(best))]
+        node_cost[h] += fold[f.b]
+        del node_cost[g]
+        gone = {id(e) for e in edges}
+        families[:] = [e for e in families if id(e) not in gone]
+        incident[h] = [e for e in incident[h] if id(e) not in gone]
+        if len(neighbours(h)) == 1:
+            queue.append(h)
+        eliminated.append(_Eliminated(g, h, f.b, best))
+    return eliminated
 
 
-def _add_family(
-    ilp: Ilp,
-    name: str,
-    builder: _Builder,
-    value: ir.Value,
-    src: tuple[list, np.ndarray, list[int]],
-    dst: tuple[list, np.ndarray, list[int]],
-    weight: float,
-) -> None:
-    """One edge column per distinct (producer spec, consumer spec) pair, and the marginals."""
-    (skeys, a, ucols), (dkeys, d, vcols) = src, dst
-    akeys = list(dict.fromkeys(a.tolist()))
-    bkeys = list(dict.fromkeys(d.tolist()))
-    cost = builder.table.matrix(
-        [skeys[i] for i in akeys], [dkeys[j] for j in bkeys], builder.tensor(value)
-    )
-    atext = [str(skeys[i]) for i in akeys]
-    btext = [str(dkeys[j]) for j in bkeys]
+def _add_family(ilp: Ilp, f: _Family, ucols: list[int], vcols: list[int]) -> None:
+    """One edge column per (producer key, consumer key) pair, and the marginals."""
     first = len(ilp.columns)
-    for i, sa in enumerate(atext):
-        for j, sb in enumerate(btext):
+    for i, sa in enumerate(f.atext):
+        for j, sb in enumerate(f.btext):
             ilp.add_column(
-                Column(f"e[{name}][{sa}->{sb}]", reshard=cost[i, j] * weight, integer=False)
+                Column(f"e[{f.name}][{sa}->{sb}]", reshard=float(f.cost[i, j]), integer=False)
             )
-    nb = len(bkeys)
-    for i, key in enumerate(akeys):
+    na, nb = f.cost.shape
+    a, b = f.a.tolist(), f.b.tolist()
+    for i in range(na):
         ilp.add_edge_marginal(
-            f"edge_src[{name}][{atext[i]}]",
+            f"edge_src[{f.name}][{f.atext[i]}]",
             list(range(first + i * nb, first + (i + 1) * nb)),
-            [c for c, x in zip(ucols, a.tolist(), strict=True) if x == key],
+            [c for c, x in zip(ucols, a, strict=True) if x == i],
         )
-    for j, key in enumerate(bkeys):
+    for j in range(nb):
         ilp.add_edge_marginal(
-            f"edge_dst[{name}][{btext[j]}]",
-            list(range(first + j, first + len(akeys) * nb, nb)),
-            [c for c, x in zip(vcols, d.tolist(), strict=True) if x == key],
+            f"edge_dst[{f.name}][{f.btext[j]}]",
+            list(range(first + j, first + na * nb, nb)),
+            [c for c, x in zip(vcols, b, strict=True) if x == j],
         )
 
 
@@ -601,11 +757,12 @@ def solve_intra_op(
     nodes = list(graph)
     builder = _Builder(nodes, mesh, cluster, options)
     groups = _merge(builder)
-    ilp, cols = _build_ilp(builder, groups, options)
+    ilp, cols, eliminated = _build_ilp(builder, groups, options)
     x, stats = ilp.solve(options.time_limit)
-    choice = {
-        g: (int(np.argmax(x[c])) if c else 0) for g, c in ((g, cols.get(g)) for g in groups.size)
-    }
+    choice = {g: int(np.argmax(x[c])) if c else 0 for g, c in cols.items()}
+    for e in reversed(eliminated):
+        choice[e.group] = int(e.best[e.keys[choice[e.neighbour]]])
+    choice.update((g, 0) for g in groups.size if g not in choice)
     return _solution(builder, groups, choice, stats, options)
 
 

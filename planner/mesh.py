@@ -15,6 +15,7 @@ all-gather inside the inner one (``LogicalMesh.collective_cost``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ class LogicalMesh:
         if kind in ("all_gather", "reduce_scatter"):
             return fn(nbytes / inner.size, outer) + fn(nbytes, inner)
         return sum(fn(nbytes, self.links[a]) for a in axes)
+
+    def without_latency(self) -> LogicalMesh:
+        """The same mesh with zero-latency links (the bandwidth part of a collective)."""
+        links = tuple(
+            dataclasses.replace(lk, intra_alpha=0.0, inter_alpha=0.0) for lk in self.links
+        )
+        return LogicalMesh(self.shape, self.device_ids, links)
 
     def flattened(self) -> LogicalMesh:
         """The same devices as one axis (Alpa's ``flatten()``, used by forced data parallel)."""

@@ -16,8 +16,8 @@ the spec so every step is one a rank can execute on its local block:
    all-gather;
 3. axes ``dst`` adds are slices of local data (free).
 
-The cost constants shared by strategies and the ILP live here (``TIE_BREAK``), so no cost
-code carries literals.
+The cost constants shared by strategies and the ILP live here (``TIE_BREAK``,
+``GRAD_BUCKET_BYTES``), so no cost code carries literals.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ TIE_BREAK = {
     "reduce_scatter": 1e-10,
     "all_to_all": 1e-10,
 }
+
+# Gradient synchronisation is bucketed (PyTorch DDP's default bucket): a gradient collective
+# pays its bandwidth, and the latency of one collective per bucket shared by bytes.
+GRAD_BUCKET_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,18 @@ def collective_seconds(kind: str, axes: Sequence[int], nbytes: float, mesh: Logi
     """Alpha-beta time plus the tie-break of one collective (0 when nothing moves)."""
     t = mesh.collective_cost(kind, axes, nbytes)
     return t + TIE_BREAK[kind] if t > 0 else 0.0
+
+
+def bucketed_collective_seconds(
+    kind: str, axes: Sequence[int], nbytes: float, mesh: LogicalMesh
+) -> float:
+    """A gradient collective fused into buckets: bandwidth time, plus the latency part in
+    proportion ``nbytes / GRAD_BUCKET_BYTES`` (plus the tie-break)."""
+    t = mesh.collective_cost(kind, axes, nbytes)
+    if t <= 0:
+        return 0.0
+    bandwidth = mesh.without_latency().collective_cost(kind, axes, nbytes)
+    return bandwidth + (t - bandwidth) * nbytes / GRAD_BUCKET_BYTES + TIE_BREAK[kind]
 
 
 def resharding_cost(

@@ -61,6 +61,7 @@ class StageCostModel:
     cluster: Cluster
     method: str = "shard"
     time_limit: float = 20.0
+    step_weight: float = 1.0  # 1 / micro-batches: the update and gradient sync run once a step
     progress: Callable[[], None] | None = None
     _cache: dict[tuple, LayerSolution] = field(default_factory=dict)
     solves: int = 0
@@ -77,7 +78,8 @@ class StageCostModel:
             nodes = [self.nodes[n] for n in layer.nodes]
             solution = solve_intra_op(
                 nodes, mesh, self.cluster,
-                IntraOpOptions(method=self.method, time_limit=self.time_limit),
+                IntraOpOptions(method=self.method, time_limit=self.time_limit,
+                               step_weight=self.step_weight, boundary=True),
             )
             self.solves += 1
             if self.progress:
@@ -101,14 +103,6 @@ class StageCostModel:
         return self.strategy(producer.name, mesh).outputs[value.index()]
 
     def _cost(self, nodes: list[ir.Node], sol: IntraOpSolution) -> LayerCost:
-        per_step = 0.0
-        for node in nodes:
-            strategy = sol.strategies[node.name]
-            if phase_of(node) == "update":
-                per_step += strategy.cost
-            elif any(role_of(o) is Role.GRAD for o in node.outputs):
-                per_step += strategy.comm  # synchronised once per step under accumulation
-        total = sol.total
         stash = 0.0
         for node in nodes:
             if phase_of(node) != "forward":
@@ -118,8 +112,8 @@ class StageCostModel:
                     stash += local_bytes(out, sol.specs[out.name], sol.mesh)
         memory = sol.memory
         return LayerCost(
-            per_microbatch=total - per_step,
-            per_step=per_step,
+            per_microbatch=sol.per_microbatch,
+            per_step=sol.per_step,
             compute=sol.compute,
             communication=sol.communication + sol.resharding,
             static_memory=memory["params"] + memory["grads"] + memory["opt_state"],

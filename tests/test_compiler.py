@@ -13,8 +13,16 @@ import pytest
 
 from cost_models.cluster import resolve_cluster
 from planner.compare import compare
-from planner.compiler import CompileOptions, Session, megatron_grid, place_stages, submesh_shapes
+from planner.compiler import (
+    CompileOptions,
+    Session,
+    megatron_grid,
+    place_stages,
+    submesh_shapes,
+)
 from planner.importer import ImportOptions
+from planner.layers import phase_of
+from planner.mesh import make_mesh
 from planner.plan_io import load_plan
 from planner.training import TrainingOptions
 from tests.conftest import FIXTURES
@@ -144,3 +152,27 @@ def test_static_batch_graph_is_one_microbatch():
                                                                      labels="labels"))
     session = Session(str(FIXTURES / "gpt2-tiny.graph.onnx"), ImportOptions(), cluster, opts)
     assert session.counts == [16]
+
+
+def test_megatron_pattern_emerges_on_gpt3_2_6b_layers():
+    """Batch 1, hidden 2560, a 1x8 mesh of one p3.16xlarge host, solved layer by layer as
+    compile does: column-split QKV / MLP-in, row-split attention-out / MLP-out with one
+    all-reduce each in the forward (Megatron-LM), found by the ILP."""
+    cluster = resolve_cluster("p3.16xlarge")
+    opts = CompileOptions(method="shard", global_batch=1,
+                          training=TrainingOptions(loss="cross_entropy", labels="labels"))
+    session = Session(str(FIXTURES / "gpt3-2.6b.graph.onnx"), ImportOptions(), cluster, opts)
+    prep = session.prepared(1)
+    costs = session.costs(prep, "shard")
+    mesh = make_mesh(cluster, range(8), (1, 8))
+    gemms = [n for n in prep.graph if n.op_type == "Gemm" and phase_of(n) == "forward"]
+    assert len(gemms) == 4 * 32
+    for node in gemms:
+        k_in, k_out = node.inputs[1].shape  # (in, out): c_attn h->3h, c_fc h->4h, c_proj ->h
+        chosen = costs.strategy(node.name, mesh)
+        weight = chosen.inputs[1]
+        if k_out > k_in:  # column parallel, no communication
+            assert str(weight) == "R,S1" and not chosen.collectives, (node.name, chosen.name)
+        else:  # row parallel, one all-reduce
+            assert str(weight) == "S1,R", (node.name, chosen.name)
+            assert [c.kind for c in chosen.collectives] == ["all_reduce"], chosen.name

@@ -29,7 +29,7 @@ from cost_models.compute import op_time
 from planner.flops import node_bytes, node_flops
 from planner.graph import const_array, itemsize, shape_of
 from planner.mesh import LogicalMesh
-from planner.sharding import ShardingSpec, collective_seconds
+from planner.sharding import ShardingSpec, bucketed_collective_seconds, collective_seconds
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,13 @@ class StrategyContext:
     """What rules may read besides the node: the device, and options set by the ILP builder.
 
     ``reduce_scatter``: offer reduce-scatter resolutions of partial sums (gradients, ZeRO).
+    ``bucketed``: outputs (``"out0"``...) that are final gradients; the all-reduce or
+    reduce-scatter that completes them is bucketed (``bucketed_collective_seconds``).
     """
 
     device: Device
     reduce_scatter: bool = False
+    bucketed: frozenset[str] = frozenset()
 
 
 RuleFn = Callable[[ir.Node, LogicalMesh, StrategyContext], list[Strategy]]
@@ -143,7 +146,7 @@ def make_strategy(
             c.tensor,
             c.reduce_op,
             c.dim,
-            collective_seconds(c.kind, c.axes, c.nbytes, mesh),
+            _collective_seconds(c, mesh, ctx),
         )
         for c in collectives
     )
@@ -158,6 +161,12 @@ def make_strategy(
         memory,
         local_kind,
     )
+
+
+def _collective_seconds(c: Collective, mesh: LogicalMesh, ctx: StrategyContext) -> float:
+    if c.tensor in ctx.bucketed and c.kind in ("all_reduce", "reduce_scatter"):
+        return bucketed_collective_seconds(c.kind, c.axes, c.nbytes, mesh)
+    return collective_seconds(c.kind, c.axes, c.nbytes, mesh)
 
 
 def strategy_name(
