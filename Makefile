@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/alpa-plan compile tests/fixtures/gpt2.ts.onnx --dim batch=8 --dim seq=16 \
-	  --cluster cpu:4 --loss cross_entropy --labels auto --optimizer adam -o out/demo-plan.json
+	  --cluster cpu:4 --loss cross_entropy --labels labels --optimizer adam -o out/demo-plan.json
 	$(BIN)/alpa-plan inspect out/demo-plan.json
 	$(BIN)/alpa-plan run out/demo-plan.json --model tests/fixtures/gpt2.ts.onnx --steps 5
 

@@ -195,16 +195,29 @@ def diff_cmd(a: str, b: str, as_json: bool) -> None:
               help="Global batch as .npz (one array per data input); synthetic when omitted.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Run report JSON [default: PLAN with .run.json].")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False),
+              help="Write sharded training-state checkpoints here (always after the last step).")
+@click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also checkpoint every K steps (0: only after the last).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint.")
+@click.option("--reshard", is_flag=True,
+              help="Resume from a checkpoint of another plan by re-slicing its tensors.")
 @user_errors
-def run_cmd(plan: str, model: str, steps: int, data: str | None, report: str | None) -> None:
+def run_cmd(plan: str, model: str, steps: int, data: str | None, report: str | None,
+            checkpoint_dir: str | None, checkpoint_every: int, resume: bool,
+            reshard: bool) -> None:
     """Train with PLAN on its ranks (mpiexec, or the MPI/Slurm job this runs in): loss per
     step, throughput, and a report of predicted vs measured time per stage."""
     from pathlib import Path
 
-    from runtime.launch import launch
+    from runtime.launch import CheckpointArgs, launch
 
+    if (resume or reshard or checkpoint_every) and not checkpoint_dir:
+        raise UserError("--resume, --reshard and --checkpoint-every need --checkpoint-dir")
+    ckpt = (CheckpointArgs(checkpoint_dir, checkpoint_every, resume, reshard)
+            if checkpoint_dir else None)
     report = report or str(Path(plan).with_suffix(".run.json"))
-    sys.exit(launch(plan, model, steps, data, report, verify=False))
+    sys.exit(launch(plan, model, steps, data, report, verify=False, checkpoints=ckpt))
 
 
 @main.command("verify")
@@ -220,6 +233,30 @@ def verify_cmd(plan: str, model: str, data: str | None) -> None:
     from runtime.launch import launch
 
     sys.exit(launch(plan, model, 1, data, None, verify=True))
+
+
+@main.command("profile")
+@click.option("--cluster", "cluster_spec", default="cpu", show_default=True, metavar="SPEC",
+              help="CPU cluster whose ranks to measure: cpu, cpu:N or cpu:HxN.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the measured cluster yaml.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime threads per rank (run with ALPA_ORT_THREADS set alike).")
+@click.option("--budget", type=float, default=0.05, show_default=True,
+              help="Seconds spent per measurement.")
+@user_errors
+def profile_cmd(cluster_spec: str, output: str, threads: int, budget: float) -> None:
+    """Measure this machine's ranks (FLOP/s, memory bandwidth, per-op latency, MPI alpha and
+    bandwidth) and write a cluster yaml for `compile --cluster FILE`."""
+    from cost_models.profile import profile
+
+    c = profile(cluster_spec, output, threads, budget)
+    d = c.device
+    click.echo(
+        f"wrote {output}: {d.peak_flops['float32'] / 1e9:.3g} GFLOP/s, "
+        f"{d.memory_bandwidth / 1e9:.3g} GB/s, {d.kernel_latency * 1e6:.3g} us/op, link "
+        f"{c.intra_host.bandwidth / 1e9:.3g} GB/s + {c.intra_host.latency * 1e6:.3g} us"
+    )
 
 
 @main.command("schema")

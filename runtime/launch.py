@@ -10,16 +10,22 @@ worker directly and rank 0 prepares the step.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from planner.errors import UserError
 from planner.plan_io import load_plan
 
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+PID_DIR = "ALPA_PID_DIR"  # each rank's <pid>.rank, removed when it ends by itself
+DEAD_PID = re.compile(r"PID (\d+) RUNNING AT")  # MPICH hydra's bad-termination banner
 
 
 def job_size() -> int | None:
@@ -45,6 +51,63 @@ def mpiexec() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class CheckpointArgs:
+    folder: str
+    every: int = 0  # 0: only after the last step
+    resume: bool = False
+    reshard: bool = False
+
+    def argv(self) -> list[str]:
+        return [
+            "--checkpoint-dir",
+            self.folder,
+            "--checkpoint-every",
+            str(self.every),
+            *(["--resume"] if self.resume else []),
+            *(["--reshard"] if self.reshard else []),
+        ]
+
+
+def run_mpiexec(cmd: list[str], pid_dir: str) -> int:
+    """Run ``cmd``, passing its output through; when a rank dies, mpiexec ends every other
+    rank and names only the pid (in a banner on stdout): say which rank it was, on stderr."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, PID_DIR: pid_dir},
+    )
+    dead: list[str] = []
+
+    def forward(stream: IO[str], to: IO[str]) -> None:
+        for line in stream:
+            to.write(line)
+            to.flush()
+            found = DEAD_PID.search(line)
+            if found:
+                dead.append(found.group(1))
+
+    assert proc.stdout is not None and proc.stderr is not None
+    threads = [
+        threading.Thread(target=forward, args=(proc.stdout, sys.stdout)),
+        threading.Thread(target=forward, args=(proc.stderr, sys.stderr)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    code = proc.wait()
+    rank_files = [Path(pid_dir) / f"{pid}.rank" for pid in dead]
+    if code != 0 and rank_files and rank_files[0].exists():
+        sys.stderr.write(
+            f"alpa-plan: rank {rank_files[0].read_text()} (pid {dead[0]}) died; mpiexec ended "
+            "every other rank\n"
+        )
+    return code
+
+
 def launch(
     plan_path: str,
     model: str | None,
@@ -53,6 +116,7 @@ def launch(
     report: str | None,
     verify: bool,
     step_dir: str | None = None,
+    checkpoints: CheckpointArgs | None = None,
 ) -> int:
     """Run the plan on its ranks; returns the job's exit code."""
     from runtime.worker import main, required_ranks
@@ -63,6 +127,7 @@ def launch(
     args += ["--data", data] if data else []
     args += ["--report", report] if report else []
     args += ["--verify"] if verify else []
+    args += checkpoints.argv() if checkpoints else []
     size = job_size()
     if size is not None and (size > 1 or ranks == 1):
         if size != ranks:
@@ -91,4 +156,5 @@ def launch(
             "--step",
             step_dir,
         ]
-        return subprocess.call(cmd)
+        with tempfile.TemporaryDirectory(prefix="alpa-pids-") as pid_dir:
+            return run_mpiexec(cmd, pid_dir)

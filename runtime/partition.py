@@ -132,6 +132,13 @@ class StageProgram:
     assigns: list[tuple[str, str]]  # (key after the update, state input it replaces)
     segments: list[Segment]
 
+    @property
+    def owned_specs(self) -> dict[str, ShardingSpec]:
+        """The state this stage keeps and updates; the rest is a per-step copy of another
+        stage's (see ``StageBuilder._borrowed``), so only these are saved or compared."""
+        borrowed = {i.key for i in self.programs["prologue"] if isinstance(i, Recv)}
+        return {k: v for k, v in self.state_specs.items() if k not in borrowed}
+
 
 def stage_of_device(plan: Plan, device: int) -> StagePlan | None:
     for stage in plan.stages:
@@ -189,11 +196,15 @@ def _constant_node_value(node: ir.Node) -> np.ndarray:
 
 
 def session_options() -> ort.SessionOptions:
+    """The ranks of one host share its cores: each gets its fair share of intra-op threads
+    (``ALPA_ORT_THREADS`` overrides), and threads sleep instead of spinning, because a
+    spinning pool steals the cores of the ranks it waits for."""
     opts = ort.SessionOptions()
-    threads = int(os.environ.get("ALPA_ORT_THREADS", "0"))
-    if threads:
-        opts.intra_op_num_threads = threads
+    local_ranks = int(os.environ.get("MPI_LOCALNRANKS", "1"))
+    fair = max(1, (os.cpu_count() or 1) // max(local_ranks, 1))
+    opts.intra_op_num_threads = int(os.environ.get("ALPA_ORT_THREADS", str(fair)))
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 
@@ -264,27 +275,95 @@ class StageBuilder:
 
     # -- build ----------------------------------------------------------------------------
 
-    def build(self) -> StageProgram:
-        stage = self.stage
-        # graph order, not the plan's: canonical plan JSON sorts the keys of ``nodes``
-        planned = [
-            n.name or ""
-            for n in self.model.graph
-            if n.name in stage.nodes and n.op_type != "Constant"
-        ]
+    def _first_use(self, stage: StagePlan) -> dict[str, tuple[str, ShardingSpec]]:
+        """Phase and wanted spec of the first read of each tensor ``stage``'s nodes read."""
         first_use: dict[str, tuple[str, ShardingSpec]] = {}
-        for name in planned:
+        for name in self._planned(stage):
             node, np_ = self.nodes[name], stage.nodes[name]
             for v, want in zip(node.inputs, np_.inputs, strict=False):
                 if v is not None and v.name not in first_use and want is not None:
                     first_use[v.name or ""] = (self.phase[name], parse(want))
+        return first_use
+
+    def _planned(self, stage: StagePlan) -> list[str]:
+        # graph order, not the plan's: canonical plan JSON sorts the keys of ``nodes``
+        return [
+            n.name or ""
+            for n in self.model.graph
+            if n.name in stage.nodes and n.op_type != "Constant"
+        ]
+
+    def _input_specs(self, stage: StagePlan) -> dict[str, ShardingSpec]:
+        """Spec of every graph input ``stage`` reads: stored (params) or first wanted."""
+        first_use = self._first_use(stage)
+        out = {}
+        for name in self.inputs:
+            if name in first_use:
+                given = (
+                    stage.params.get(name) if name in self.state_names else stage.inputs.get(name)
+                )
+                out[name] = parse(given) if given is not None else first_use[name][1]
+        return out
+
+    def _owners(self) -> dict[str, int]:
+        """State name -> the stage that updates it (where the tensor lives)."""
+        stage_of = {n: s.index for s in self.plan.stages for n in s.nodes}
+        out = {}
+        for state, new in self.updates.items():
+            producer = self.values[new].producer() if new in self.values else None
+            if producer is not None and producer.name in stage_of:
+                out[state] = stage_of[producer.name or ""]
+        return out
+
+    def _borrowed(self) -> list[Instr]:
+        """Step prologue for state a stage reads but another stage updates (a tied weight
+        whose consumers landed on two stages): the owner sends its current value, the reader
+        receives it into its state, once per step. Every rank derives the same list."""
+        owners = self._owners()
+        me = self.stage.index
+        out: list[Instr] = []
+        tag = len(self.plan.transfers)
+        for stage in self.plan.stages:
+            specs = self._input_specs(stage)
+            for name in self.inputs:
+                owner = owners.get(name)
+                if name not in self.state_names or name not in specs:
+                    continue
+                if owner is None or owner == stage.index:
+                    continue
+                tag += 1
+                if me not in (owner, stage.index):
+                    continue
+                src = self.plan.stages[owner]
+                ps = pieces(
+                    self.shape(name),
+                    self._input_specs(src)[name],
+                    RankMesh.from_plan(src.logical_mesh),
+                    specs[name],
+                    RankMesh.from_plan(stage.logical_mesh),
+                )
+                if me == owner:
+                    out.append(Send(name, tag, [p for p in ps if p.src == self.device]))
+                else:
+                    out.append(
+                        Recv(
+                            name,
+                            tag,
+                            [p for p in ps if p.dst == self.device],
+                            self.local(name, specs[name]),
+                            self.dtype(name).numpy(),
+                            [],
+                        )
+                    )
+        return out
+
+    def build(self) -> StageProgram:
+        stage = self.stage
+        planned = self._planned(stage)
+        first_use = self._first_use(stage)
         state_specs: dict[str, ShardingSpec] = {}
         data_specs: dict[str, ShardingSpec] = {}
-        for name in self.inputs:
-            if name not in first_use:
-                continue
-            given = stage.params.get(name) if name in self.state_names else stage.inputs.get(name)
-            spec = parse(given) if given is not None else first_use[name][1]
+        for name, spec in self._input_specs(stage).items():
             check_fits(spec, self.shape(name), self.mesh.shape)
             (state_specs if name in self.state_names else data_specs)[name] = spec
             self.spec[name] = spec
@@ -296,7 +375,7 @@ class StageBuilder:
                 )
         recvs = self._receives(first_use)
         sends = self._sends()
-        programs: dict[str, list[Instr]] = {}
+        programs: dict[str, list[Instr]] = {"prologue": self._borrowed()}
         grads: list[GradAccumulator] = []
         for phase in PHASES:
             if phase == "update":  # a new scope: microbatch reshards are gone
@@ -395,12 +474,15 @@ class StageBuilder:
         pre: list[Instr] = []
         pending_sends: list[str] = []
 
-        def close() -> None:
+        def close(then: list[Instr] | None = None) -> None:
+            """End the segment; ``then`` (a node's collectives) runs before the sends, which
+            must carry the collectives' results."""
             nonlocal seg, pre
             instrs.extend(pre)
             if seg.nodes:
                 instrs.append(Run(seg))
                 self.segments.append(seg)
+            instrs.extend(then or [])
             for tensor in pending_sends:
                 instrs.extend(self._send_instrs(tensor, sends[tensor]))
             pending_sends.clear()
@@ -415,6 +497,7 @@ class StageBuilder:
                 )
             keys: list[str] = []
             reshards: list[Instr] = []
+            consts: dict[str, np.ndarray] = {}  # added once the node's segment is known
             for i, v in enumerate(node.inputs):
                 if v is None:
                     keys.append("")
@@ -422,7 +505,9 @@ class StageBuilder:
                 vname = v.name or ""
                 want = np_.inputs[i] if i < len(np_.inputs) else None
                 if vname in self.consts and vname not in self.spec:
-                    keys.append(self._constant(seg, node, np_, i, vname))
+                    key = f"{node.name}/const{i}"
+                    consts[key] = self._constant(node, np_, i, vname)
+                    keys.append(key)
                     continue
                 if vname not in self.spec:
                     raise UserError(
@@ -438,6 +523,7 @@ class StageBuilder:
                     close()
                 keys.append(key)
             pre.extend(reshards)
+            seg.initializers.update(consts)
             for v, out_spec in zip(node.outputs, np_.outputs, strict=True):
                 if v.name:
                     self.spec[v.name] = parse(out_spec)
@@ -447,8 +533,7 @@ class StageBuilder:
                 if v.name in sends:
                     pending_sends.append(v.name)
             if np_.collectives:
-                close()
-                instrs.extend(self._collects(node, np_, grads))
+                close(self._collects(node, np_, grads))
             else:
                 for v in node.outputs:
                     if v.name and role_of(v) is Role.GRAD and self.phase[name] == "backward":
@@ -507,7 +592,8 @@ class StageBuilder:
 
     # -- local nodes ----------------------------------------------------------------------
 
-    def _constant(self, seg: Segment, node: ir.Node, np_: NodePlan, i: int, name: str) -> str:
+    def _constant(self, node: ir.Node, np_: NodePlan, i: int, name: str) -> np.ndarray:
+        """This rank's local value of constant input ``i``."""
         array = self.consts[name]
         if (node.op_type, i) in SHAPE_INPUTS:
             array = self._local_shape_constant(node, np_, array)
@@ -517,9 +603,7 @@ class StageBuilder:
                 spec = parse(want)
                 check_fits(spec, array.shape, self.mesh.shape)
                 array = shard(array, spec, self.mesh, self.device)
-        key = f"{node.name}/const{i}"
-        seg.initializers[key] = array
-        return key
+        return array
 
     def _local_shape_constant(self, node: ir.Node, np_: NodePlan, array: np.ndarray):
         if node.op_type == "Split":

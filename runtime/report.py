@@ -2,9 +2,10 @@
 
 Measured per stage, per step: onnxruntime compute, collective time (resharding, strategy
 collectives, gradient sync), point-to-point time (cross-stage transfers, including waiting for
-the neighbouring stage, i.e. the pipeline bubble), and the executor's own overhead = wall -
-compute - collective - p2p. A stage's number is the slowest of its ranks; the first step is
-left out of the means when there are more (session warm-up).
+the neighbouring stage, i.e. the pipeline bubble), their sum as communication, and the
+executor's own overhead = wall - compute - communication. Predicted per stage: the plan's
+per-iteration compute, communication and bubble. A stage's number is the slowest of its
+ranks; the first step is left out of the means when there are more (session warm-up).
 """
 
 from __future__ import annotations
@@ -53,25 +54,28 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
             k: _mean([max(r[k] for r in row["ranks"] if r["stage"] == s.index) for row in timed])
             for k in KINDS
         }
-        busy = measured["compute"] + measured["collective"] + measured["p2p"]
+        measured["communication"] = measured["collective"] + measured["p2p"]
+        busy = measured["compute"] + measured["communication"]
         measured["overhead"] = max(measured["wall"] - busy, 0.0)
         pred = plan.predicted.stages[s.index] if s.index < len(plan.predicted.stages) else None
         stages.append(
             {
                 "stage": s.index,
                 "devices": s.submesh.devices,
+                # per iteration, like the measured numbers; the stage's own compute and
+                # communication fields are per micro-batch
                 "predicted": {
-                    "compute": s.compute,
-                    "communication": s.communication,
                     **(
                         {
-                            "step_compute": pred.compute,
-                            "step_communication": pred.communication,
+                            "compute": pred.compute,
+                            "communication": pred.communication,
                             "bubble": pred.bubble,
                         }
                         if pred
                         else {}
                     ),
+                    "microbatch_compute": s.compute,
+                    "microbatch_communication": s.communication,
                 },
                 "measured": measured,
             }

@@ -36,7 +36,7 @@ def sharded_tensors(
     mine.update(
         {
             name: runner.gather(name, runner.state[name], spec)
-            for name, spec in p.state_specs.items()
+            for name, spec in p.owned_specs.items()
         }
     )
     if comm.rank != 0:

@@ -9,21 +9,25 @@ line per step and writes the run report.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 
 from planner.errors import UserError
 from planner.plan_io import load_plan
 from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
-from runtime import reshard
+from runtime import checkpoint, reshard
 from runtime.comm import Communicator, MpiCommunicator, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
+from runtime.launch import PID_DIR
 from runtime.mesh import RankMesh, shard
 from runtime.partition import (
     Collect,
@@ -41,6 +45,9 @@ from runtime.step import PreparedStep, prepare_step
 
 METRICS_TAG = 1 << 20
 VERIFY_TAG = METRICS_TAG + 1
+CHECKPOINT_TAG = METRICS_TAG + 2
+PROFILE = "ALPA_PROFILE"
+DIE_HOOK = "ALPA_TEST_DIE_AFTER_STEP"  # "rank:step": SIGKILL that rank after that step (tests)
 
 
 @dataclass
@@ -54,14 +61,23 @@ class Timers:
 
 
 @dataclass
+class Checkpointing:
+    root: Path
+    every: int  # 0: only after the last step
+    run_id: str  # names this run's temporary folders
+    resume: checkpoint.Found | None
+
+
+@dataclass
 class Job:
     plan: Plan
+    plan_path: str
     step: PreparedStep
     steps: int
     batch: dict[str, np.ndarray] | None  # None: synthetic
     report: Path | None
     verify: bool
-    losses: list[float] = field(default_factory=list)
+    checkpoints: Checkpointing | None = None
 
 
 def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.ndarray:
@@ -135,6 +151,9 @@ class StageRunner:
 
     def step(self, batch: dict[str, np.ndarray], kind: str, stages: int):
         """One training step; returns (mean loss or None, final grads by key)."""
+        borrowed: dict[str, np.ndarray] = {}
+        self.run("prologue", borrowed, 0)
+        self.state.update(borrowed)
         envs: dict[int, dict[str, np.ndarray]] = {}
         acc: dict[str, np.ndarray] = {}
         losses = []
@@ -184,9 +203,18 @@ class StageRunner:
 
 
 def _prepare(
-    plan_path: str, model: str | None, step_dir: str | None, data: str | None
-) -> tuple[bytes, bytes, dict | None]:
+    plan_path: str, model: str | None, step_dir: str | None, data: str | None, args
+) -> tuple[bytes, bytes, dict | None, Checkpointing | None]:
+    """Rank 0: everything that can be wrong with the inputs is found here, before compute."""
     plan = load_plan(plan_path)
+    ckpt = None
+    if args.resume and not args.checkpoint_dir:
+        raise UserError("--resume needs --checkpoint-dir")
+    if args.checkpoint_dir:
+        root = Path(args.checkpoint_dir)
+        found = checkpoint.find(root, plan_path, args.reshard) if args.resume else None
+        checkpoint.remove_stale(root)
+        ckpt = Checkpointing(root, args.checkpoint_every, os.urandom(6).hex(), found)
     if step_dir:
         step = PreparedStep.load(step_dir)
     elif model:
@@ -197,7 +225,7 @@ def _prepare(
     if data:
         batch = load_batch(data, step.model.graph, set(step.state), plan.options.microbatches)
     model_bytes, state_bytes = step.to_bytes()
-    return model_bytes, state_bytes, batch
+    return model_bytes, state_bytes, batch, ckpt
 
 
 def main(argv: list[str]) -> int:
@@ -213,46 +241,106 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data")
     parser.add_argument("--report")
     parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--reshard", action="store_true")
     args = parser.parse_args(argv)
     comm = MpiCommunicator()
+    pid_file = Path(os.environ.get(PID_DIR, ".")) / f"{os.getpid()}.rank"
+    if PID_DIR in os.environ:
+        pid_file.write_text(str(comm.rank))
     try:
-        return _main(comm, args)
+        code = _profiled(comm, args)
     except UserError as exc:
         if comm.rank == 0:
             sys.stderr.write(f"error: {exc}\n")
-        return 2
+        code = 2
     except Exception:
         sys.stderr.write(traceback.format_exc())
         comm.fail("the executor raised an exception (traceback above)")
         return 1
+    if PID_DIR in os.environ:  # ended by itself, whatever the code: not a dead rank
+        pid_file.unlink()
+    return code
+
+
+def _profiled(comm: MpiCommunicator, args) -> int:
+    """``ALPA_PROFILE=rank:file``: run that rank under cProfile and dump its stats to file."""
+    who, _, path = os.environ.get(PROFILE, "").partition(":")
+    if not (who.isdigit() and int(who) == comm.rank and path):
+        return _main(comm, args)
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(_main, comm, args)
+    finally:
+        profiler.dump_stats(path)
 
 
 def _main(comm: MpiCommunicator, args) -> int:
     payload: object = None
     if comm.rank == 0:
         try:
-            payload = _prepare(args.plan, args.model, args.step, args.data)
+            payload = _prepare(args.plan, args.model, args.step, args.data, args)
         except UserError as exc:
             payload = str(exc)
     payload = comm.broadcast_object(payload, 0)
     if isinstance(payload, str):
         raise UserError(payload)
     assert isinstance(payload, tuple)
-    model_bytes, state_bytes, batch = payload
+    model_bytes, state_bytes, batch, ckpt = payload
     plan = load_plan(args.plan)
     job = Job(
         plan,
+        args.plan,
         PreparedStep.from_bytes(model_bytes, state_bytes),
         1 if args.verify else args.steps,
         batch,
         Path(args.report) if args.report else None,
         args.verify,
+        ckpt,
     )
     return execute(comm, job)
 
 
 def required_ranks(plan: Plan) -> int:
     return max(d for s in plan.stages for d in s.submesh.devices) + 1
+
+
+def _die_after(rank: int) -> int | None:
+    """The step after which this rank kills itself (fault-tolerance tests), if any."""
+    hook = os.environ.get(DIE_HOOK, "")
+    who, _, step = hook.partition(":")
+    return int(step) if who.isdigit() and int(who) == rank and step.isdigit() else None
+
+
+def _shapes(job: Job, names: dict[str, ShardingSpec]) -> dict[str, tuple[int, ...]]:
+    return {name: job.step.state[name].shape for name in names}
+
+
+def _save(comm: Communicator, job: Job, ckpt: Checkpointing, runner: StageRunner, step: int):
+    """Every rank writes its shards; rank 0 publishes once all of them are done."""
+    owned = runner.p.owned_specs
+    tmp = checkpoint.write_shards(
+        ckpt.root,
+        ckpt.run_id,
+        step,
+        comm.rank,
+        {name: runner.state[name] for name in owned},
+        owned,
+        _shapes(job, owned),
+        runner.p.mesh,
+    )
+    if comm.rank != 0:
+        comm.send_object(step, 0, CHECKPOINT_TAG)
+        comm.wait_sends()
+        return
+    for r in range(1, comm.size):
+        comm.recv_object(r, CHECKPOINT_TAG)
+    final = checkpoint.publish(ckpt.root, tmp, ckpt.run_id, step, comm.size, job.plan_path)
+    click.echo(f"checkpoint: {final}")
 
 
 def execute(comm: MpiCommunicator, job: Job) -> int:
@@ -274,10 +362,23 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
     program = build_stage(job.step.model, plan, comm.rank)
     comm.add_groups(mesh_groups(program.mesh.device_at, program.mesh.shape))
     runner = StageRunner(program, comm, job.step.state, plan.options.microbatches)
+    first = 0
+    ckpt = job.checkpoints
+    if ckpt is not None and ckpt.resume is not None:
+        owned = program.owned_specs
+        runner.state.update(
+            checkpoint.load_own(ckpt.resume, comm.rank, owned)
+            if ckpt.resume.same_plan
+            else checkpoint.load_resharded(
+                ckpt.resume, owned, _shapes(job, owned), program.mesh, comm.rank
+            )
+        )
+        first = ckpt.resume.step
     setup = time.perf_counter() - setup
     state_names = set(job.step.state)
     rows = []
-    for i in range(job.steps):
+    die = _die_after(comm.rank)
+    for i in range(first, first + job.steps):
         batch = (
             job.batch
             if job.batch is not None
@@ -302,6 +403,12 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
         if comm.rank == 0:
             rows.append(row)
             report.print_step(i, row, plan)
+        if ckpt is not None and (
+            i + 1 == first + job.steps or (ckpt.every and (i + 1) % ckpt.every == 0)
+        ):
+            _save(comm, job, ckpt, runner, i + 1)
+        if die == i + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
     if job.verify:
         from runtime.verify import compare, sharded_tensors
 
