@@ -317,6 +317,9 @@ def compile_options(fn):
                      help="Preset (p3.16xlarge:8, dgx-a100:2, cpu:4, cpu:2x2) or a yaml file."),
         click.option("--mode", type=click.Choice(["train", "infer"]), default="train",
                      show_default=True),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default="float32", show_default=True,
+                     help="Precision to plan for: half = mixed precision (fp32 master state)."),
         click.option("--global-batch", type=int, default=None,
                      help="Global batch (default: the model's bound batch)."),
         click.option("--microbatches", default="auto", show_default=True, metavar="auto|N"),
@@ -332,8 +335,8 @@ def compile_options(fn):
     return add_training_options(model_options(fn))
 
 
-def _compile_options(method, mode, global_batch, microbatches, schedule, layers, time_limit,
-                     dp, tp, pp, training):
+def _compile_options(method, mode, dtype, global_batch, microbatches, schedule, layers,
+                     time_limit, dp, tp, pp, training):
     from planner.compiler import CompileOptions
     from planner.training import training_options_from_cli
 
@@ -343,7 +346,7 @@ def _compile_options(method, mode, global_batch, microbatches, schedule, layers,
     if method == "megatron" and None in megatron:
         raise UserError("--method megatron needs --dp A --tp B --pp C")
     return CompileOptions(
-        method=method, mode=mode, training=training_options_from_cli(**training),
+        method=method, mode=mode, dtype=dtype, training=training_options_from_cli(**training),
         global_batch=global_batch, microbatches=_auto_int(microbatches, "--microbatches"),
         schedule=schedule, layers=_auto_int(layers, "--layers"), megatron=megatron,
         time_limit=time_limit,
@@ -378,7 +381,7 @@ def _progress():
 @click.option("--timings", type=click.Path(dir_okay=False), default=None,
               help="Write wall times as JSON (kept out of the plan so plans stay identical).")
 @user_errors
-def compile_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, microbatches,
+def compile_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_batch, microbatches,
                 schedule, layers, time_limit, method, dp, tp, pp, output, emit_onnx, timings,
                 **training) -> None:
     """Plan MODEL for a cluster and write the plan JSON."""
@@ -387,7 +390,7 @@ def compile_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, mic
     from planner.plan_io import canonical_json, write_atomic, write_plan
 
     cluster = resolve_cluster(cluster_spec)
-    opts = _compile_options(method, mode, global_batch, microbatches, schedule, layers,
+    opts = _compile_options(method, mode, dtype, global_batch, microbatches, schedule, layers,
                             time_limit, dp, tp, pp, training)
     with _progress() as bar:
         task = bar.add_task("planning", total=None) if bar else None
@@ -415,14 +418,14 @@ def compile_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, mic
 @compile_options
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @user_errors
-def compare_cmd(model, dims, input_shapes, cluster_spec, mode, global_batch, microbatches,
+def compare_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_batch, microbatches,
                 schedule, layers, time_limit, as_json, **training) -> None:
     """Every method and the best Megatron dp x tp x pp point, under one cost model."""
     from cost_models.cluster import resolve_cluster
     from planner.compare import compare, rows_json
 
     cluster = resolve_cluster(cluster_spec)
-    opts = _compile_options("auto", mode, global_batch, microbatches, schedule, layers,
+    opts = _compile_options("auto", mode, dtype, global_batch, microbatches, schedule, layers,
                             time_limit, None, None, None, training)
     rows = compare(model, import_options(dims, input_shapes), cluster, opts)
     if as_json:

@@ -29,11 +29,11 @@ class Row:
     feasible: bool
 
 
-def _mfu(cand: Candidate, cluster: Cluster) -> float:
+def _mfu(cand: Candidate, cluster: Cluster, dtype: str) -> float:
     flops = sum(
         node_flops(n) * (1 if phase_of(n) == "update" else cand.microbatches) for n in cand.graph
     )
-    return flops / (cand.latency * cluster.num_devices * peak_flops(cluster.device))
+    return flops / (cand.latency * cluster.num_devices * peak_flops(cluster.device, dtype))
 
 
 def _config(cand: Candidate) -> str:
@@ -42,12 +42,22 @@ def _config(cand: Candidate) -> str:
 
 
 def _row(
-    method: str, cand: Candidate | None, need: float, cluster: Cluster, config: str | None = None
+    method: str,
+    cand: Candidate | None,
+    need: float,
+    cluster: Cluster,
+    dtype: str,
+    config: str | None = None,
 ) -> Row:
     if cand is None:
         return Row(method, f"needs {need / 2**30:.1f} GiB/device", None, need, None, False)
     return Row(
-        method, config or _config(cand), cand.latency, cand.peak_memory, _mfu(cand, cluster), True
+        method,
+        config or _config(cand),
+        cand.latency,
+        cand.peak_memory,
+        _mfu(cand, cluster, dtype),
+        True,
     )
 
 
@@ -55,7 +65,7 @@ def compare(
     path: str, import_options: ImportOptions, cluster: Cluster, opts: CompileOptions
 ) -> list[Row]:
     session = Session(path, import_options, cluster, opts)
-    rows = [_row(m, *session.best(m), cluster) for m in SINGLE_METHODS]
+    rows = [_row(m, *session.best(m), cluster, opts.dtype) for m in SINGLE_METHODS]
     best: tuple[float, Candidate, tuple] | None = None
     points = 0
     for point in megatron_grid(cluster, len(session.prepared(session.counts[0]).layers)):
@@ -73,7 +83,7 @@ def compare(
     else:
         _, cand, (dp, tp, pp) = best
         config = f"dp={dp} tp={tp} pp={pp}, {cand.microbatches} micro-batches"
-        rows.append(_row(f"megatron (best of {points})", cand, 0.0, cluster, config))
+        rows.append(_row(f"megatron (best of {points})", cand, 0.0, cluster, opts.dtype, config))
     return rows
 
 

@@ -28,7 +28,7 @@ from cost_models.compute import op_time, peak_flops
 from planner import __version__
 from planner.errors import UserError
 from planner.flops import node_bytes, node_flops
-from planner.graph import Role, role_of, shape_of
+from planner.graph import Role, nbytes, role_of, shape_of, values_of
 from planner.importer import ImportOptions, import_model, load_model, structure_hash
 from planner.layers import Layer, assign_layers, phase_of
 from planner.mesh import LogicalMesh, make_mesh
@@ -51,6 +51,7 @@ from planner.plan_schema import (
     TrainingConfig,
     Transfer,
 )
+from planner.precision import retype_activations
 from planner.stage_costs import RangeCosts, StageCostModel, crossing_bytes, range_costs
 from planner.stage_dp import StageChoice, stage_dp
 from planner.training import TrainingOptions, build_training_step
@@ -64,6 +65,7 @@ ALTERNATIVES_KEPT = 3
 class CompileOptions:
     method: str = "auto"
     mode: str = "train"
+    dtype: str = "float32"  # compute precision planned for (planner.precision)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     global_batch: int | None = None
     microbatches: int | None = None  # None = auto
@@ -245,23 +247,22 @@ def _plan_auto(
     summed = np.full_like(stage, np.inf)
     step = np.full_like(stage, np.inf)
     inflight = np.full(stage.shape, -1, dtype=np.int64)
+    prefix = np.concatenate([[0.0], np.cumsum(flops)])
+    part = (prefix[None, 1:] - prefix[:-1, None]) / total  # FLOP share of layers i..j
+    whole = np.zeros((num, num), dtype=bool)
+    whole[0, num - 1] = True
     for m, (shape, meshes) in enumerate(zip(shapes, configs, strict=True)):
         share = shape[0] * shape[1] / cluster.num_devices
-
-        def balanced(i: int, j: int, share: float = share) -> bool:
-            # Alpa's stage-imbalance pruning: FLOP share within 2x of the device share;
-            # the whole cluster only ever runs the whole model.
-            part = flops[i : j + 1].sum() / total
-            if share == 1.0:
-                return i == 0 and j == num - 1
-            return share / 4 <= part <= share * 4 or num <= 2
-
+        # Alpa's stage-imbalance pruning: a stage's FLOP share within 4x of its device share;
+        # the whole cluster only ever runs the whole model.
+        keep = whole if share == 1.0 else (
+            (part >= share / 4) & (part <= share * 4) | (num <= 2))
         for c, mesh in enumerate(meshes):
-            rc = range_costs(costs, mesh, cut, balanced)
-            stage[:, :, m, c] = rc.per_microbatch
-            summed[:, :, m, c] = rc.per_microbatch + rc.per_step
-            step[:, :, m, c] = rc.per_step
-            inflight[:, :, m, c] = _max_inflight(rc, _memory_limit(cluster))
+            rc = range_costs(costs, mesh, cut)
+            stage[:, :, m, c] = np.where(keep, rc.per_microbatch, np.inf)
+            summed[:, :, m, c] = np.where(keep, rc.per_microbatch + rc.per_step, np.inf)
+            step[:, :, m, c] = np.where(keep, rc.per_step, np.inf)
+            inflight[:, :, m, c] = np.where(keep, _max_inflight(rc, _memory_limit(cluster)), -1)
 
     def exact(choices: list[StageChoice]) -> float:
         """T = sum t + (B-1) max t + max u: the update runs once per step, in parallel."""
@@ -307,7 +308,7 @@ def _single_stage(
     num = len(costs.layers)
     best = None
     for mesh in meshes:
-        rc = range_costs(costs, mesh, cut, lambda i, j: True)
+        rc = range_costs(costs, mesh, cut)
         t = microbatches * rc.per_microbatch[0, num - 1] + rc.per_step[0, num - 1]
         if best is None or t < best[1] - 1e-15:
             best = (mesh, t)
@@ -327,8 +328,10 @@ def _uniform_stages(layers: list[Layer], pp: int) -> list[tuple[int, int]]:
 
 
 def _megatron_stages(
-    costs: StageCostModel, cluster: Cluster, dp: int, tp: int, pp: int
+    costs: StageCostModel, cluster: Cluster, dp: int, tp: int, pp: int, free: bool = False
 ) -> list[StagePick]:
+    """pp FLOP-balanced stages of dp x tp devices. ``free``: the stage meshes are solved
+    without Megatron's forcing (auto's own candidates), so a trivial axis is dropped."""
     d = cluster.num_devices
     if dp * tp * pp != d:
         raise UserError(
@@ -343,6 +346,8 @@ def _megatron_stages(
     for s, (start, stop) in enumerate(_uniform_stages(costs.layers, pp)):
         devices = tuple(range(s * per_stage, (s + 1) * per_stage))
         shape = (dp, tp)  # axis 0 data parallel, axis 1 tensor parallel (either may be 1)
+        if free and 1 in shape:
+            shape = (dp * tp,)
         picks.append(StagePick(start, stop, devices, make_mesh(cluster, devices, shape)))
     return picks
 
@@ -364,7 +369,7 @@ def _pipeline_latency(
 ) -> tuple[float, list[tuple[float, float]]]:
     times = []
     for p in picks:
-        rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
+        rc = range_costs(costs, p.mesh, cut)
         times.append((rc.per_microbatch[p.start, p.stop - 1], rc.per_step[p.start, p.stop - 1]))
     t = sum(a for a, _ in times) + (microbatches - 1) * max(a for a, _ in times)
     return t + max(b for _, b in times), times
@@ -376,7 +381,7 @@ def stage_peaks(
     """Per-device peak bytes of each stage: state + in-flight stashes (1F1B) + working set."""
     peaks = []
     for s, p in enumerate(picks):
-        rc = range_costs(costs, p.mesh, cut, lambda i, j: True)
+        rc = range_costs(costs, p.mesh, cut)
         i, j = p.start, p.stop - 1
         inflight = min(len(picks) - s, microbatches)
         peaks.append(
@@ -435,11 +440,9 @@ class Session:
             micro = self.global_batch // count if self.batch_name else self.bound
             options = _microbatch_import(self.path, self.import_options, self.batch_name, micro)
             model = import_model(self.path, options)
-            graph = (
-                build_training_step(model, self.opts.training)
-                if self.opts.mode == "train"
-                else model
-            ).graph
+            graph = (build_training_step(model, self.opts.training)
+                     if self.opts.mode == "train" else model).graph
+            retype_activations(graph, self.opts.dtype)
             layers = assign_layers(graph, self.opts.layers)
             self._prepared[count] = Prepared(
                 count, options, model, graph, layers, crossing_bytes(graph, layers)
@@ -451,7 +454,8 @@ class Session:
             prep.costs[method] = StageCostModel(
                 prep.graph, prep.layers, self.cluster, method=method,
                 time_limit=self.opts.time_limit, progress=self.progress,
-                step_weight=1.0 / prep.microbatches)
+                step_weight=1.0 / prep.microbatches,
+                memory_price=memory_price(prep.graph, self.cluster))
         return prep.costs[method]
 
     def solves(self) -> int:
@@ -478,7 +482,7 @@ class Session:
         peak = max(stage_peaks(costs, picks, prep.cut, count))
         if method == "auto":  # uniform (Megatron-shaped) stagings are in auto's space too
             for point in megatron_grid(self.cluster, len(prep.layers)):
-                grid = _megatron_stages(costs, self.cluster, *point)
+                grid = _megatron_stages(costs, self.cluster, *point, free=True)
                 t, _ = _pipeline_latency(costs, grid, prep.cut, count)
                 if t < latency - 1e-15:
                     grid_peak = max(stage_peaks(costs, grid, prep.cut, count))
@@ -521,6 +525,17 @@ class Session:
         costs = self.costs(prep, "zero3")
         picks, _ = _single_stage(costs, self.cluster, prep.cut, count, "zero3")
         return max(stage_peaks(costs, picks, prep.cut, count))
+
+
+def memory_price(graph: ir.Graph, cluster: Cluster) -> float:
+    """Objective seconds per stored byte: the fraction of the whole cluster's memory that the
+    training state needs (parameters, gradients, optimizer state) per byte of one device.
+    Negligible for models far smaller than the cluster, decisive for ones that barely fit."""
+    state = sum(nbytes(v) for v in values_of(graph)
+                if role_of(v) in (Role.PARAM, Role.GRAD, Role.OPT_STATE)
+                and "alpa.updates" not in v.metadata_props)
+    pressure = state / (cluster.num_devices * cluster.device.memory_bytes)
+    return pressure / cluster.device.memory_bytes
 
 
 def does_not_fit(need: float, cluster: Cluster) -> UserError:
@@ -657,7 +672,7 @@ def build_plan(
                 readers = {stage_of_node[u.node.name] for u in out.uses()}
                 if readers - {s} or out in graph.outputs:
                     outputs[out.name] = str(strategy.outputs[j])
-        rc = range_costs(costs, pick.mesh, cut, lambda i, j: True)
+        rc = range_costs(costs, pick.mesh, cut)
         i, j = pick.start, pick.stop - 1
         inflight = min(len(cand.stages) - s, cand.microbatches)
         memory = StageMemory(
@@ -708,7 +723,7 @@ def build_plan(
         options=Options(
             method=opts.method,
             mode=opts.mode,
-            dtype="float32",
+            dtype=opts.dtype,
             training=_training_config(opts) if opts.mode == "train" else None,
             global_batch=global_batch,
             microbatches=cand.microbatches,
@@ -817,7 +832,7 @@ def _predict(
         repeat = 1 if phase_of(node) == "update" else b
         f = node_flops(node)
         flops += repeat * f
-        lower += repeat * op_time(f, node_bytes(node), cluster.device)
+        lower += repeat * op_time(f, node_bytes(node), cluster.device, opts.dtype)
     lower /= cluster.num_devices
     predictions = []
     for stage, t, u in zip(stages, per_mb, per_step, strict=True):
@@ -830,7 +845,7 @@ def _predict(
             )
         )
     mfu = (
-        flops / (iteration * cluster.num_devices * peak_flops(cluster.device))
+        flops / (iteration * cluster.num_devices * peak_flops(cluster.device, opts.dtype))
         if iteration > 0
         else 0.0
     )

@@ -70,6 +70,10 @@ class IntraOpOptions:
     # may only be split along dim 0 (the batch), so a layer cannot hand its neighbours a
     # layout whose resharding its own ILP never paid for.
     boundary: bool = False
+    # Objective seconds per byte of parameters / optimizer state stored per device (never in
+    # reported times). Like Alpa's replicated-parameter penalty it makes the ILP keep state
+    # sharded when memory is scarce; the compiler sets it from the model's memory pressure.
+    memory_price: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -565,10 +569,15 @@ def _costs(
     b, verts = builder, builder.vertices
     node_cost: dict[int, np.ndarray] = {g: np.zeros((k, 3)) for g, k in groups.size.items()}
     weights = [_weights(vx, options.step_weight) for vx in verts]
-    for v in range(len(verts)):
+    for v, vx in enumerate(verts):
         cost, m = node_cost[groups.group[v]], groups.maps[v]
         cost[:, 0] += b.compute[v][m] * weights[v][0]
         cost[:, 1] += b.comm[v][m] * weights[v][1]
+        if vx.kind == "source" and role_of(vx.value) in (Role.PARAM, Role.OPT_STATE):
+            # Stored state has a price (options.memory_price): the ILP's only view of memory
+            # pressure; the stage DP enforces the actual limit.
+            memory = np.array([s.memory for s in vx.strategies])
+            cost[:, 0] += options.memory_price * memory[m]
     families = []
     for v, vx in enumerate(verts):
         values = vx.input_values()
@@ -819,10 +828,16 @@ def _memory(builder: _Builder, specs: dict) -> dict[str, float]:
     key = {Role.PARAM: "params", Role.GRAD: "grads", Role.OPT_STATE: "opt_state"}
     steps, life = _lifetimes(builder)
     live = np.zeros(len(steps) + 1)
+    seen: set[int] = set()
     for vx in builder.vertices:
         for o in _outputs(vx):
+            if id(o) in seen:
+                continue
+            seen.add(id(o))
             nbytes = builder.local_bytes(o, specs[o.name])
             role = role_of(o)
+            if UPDATES_KEY in o.metadata_props:
+                continue  # written into the buffer of the parameter / state it replaces
             if role in key:
                 out[key[role]] += nbytes
             elif vx.kind == "node":

@@ -62,8 +62,10 @@ class StageCostModel:
     method: str = "shard"
     time_limit: float = 20.0
     step_weight: float = 1.0  # 1 / micro-batches: the update and gradient sync run once a step
+    memory_price: float = 0.0  # see IntraOpOptions.memory_price
     progress: Callable[[], None] | None = None
     _cache: dict[tuple, LayerSolution] = field(default_factory=dict)
+    _ranges: dict[tuple, RangeCosts] = field(default_factory=dict)
     solves: int = 0
 
     def __post_init__(self) -> None:
@@ -79,7 +81,8 @@ class StageCostModel:
             solution = solve_intra_op(
                 nodes, mesh, self.cluster,
                 IntraOpOptions(method=self.method, time_limit=self.time_limit,
-                               step_weight=self.step_weight, boundary=True),
+                               step_weight=self.step_weight, boundary=True,
+                               memory_price=self.memory_price),
             )
             self.solves += 1
             if self.progress:
@@ -121,22 +124,25 @@ class StageCostModel:
             transient_memory=max(0.0, memory["activations"] - stash),
         )
 
-    def edge_cost(self, a: int, b: int, mesh: LogicalMesh) -> float:
-        """Resharding on edges from layer a into layer b when both run on ``mesh``."""
-        total = 0.0
-        for name in self.layers[b].nodes:
-            node = self.nodes[name]
-            consumer = self.strategy(name, mesh)
-            for slot, value in enumerate(node.inputs):
-                producer = value.producer() if value is not None else None
-                if producer is None or self.layer_of.get(producer.name) != a:
-                    continue
-                src = self.output_spec(value, mesh)
-                dst = consumer.inputs[slot]
-                if src is not None and dst is not None and src != dst:
-                    total += resharding_cost(src, dst, shape_of(value), itemsize(value.dtype),
-                                             mesh)[0]
-        return total
+    def edges(self, mesh: LogicalMesh) -> np.ndarray:
+        """edges[a, b]: resharding on the edges from layer a into layer b on ``mesh``."""
+        num = len(self.layers)
+        out = np.zeros((num, num))
+        for b, layer in enumerate(self.layers):
+            for name in layer.nodes:
+                node = self.nodes[name]
+                consumer = None
+                for slot, value in enumerate(node.inputs):
+                    producer = value.producer() if value is not None else None
+                    a = self.layer_of.get(producer.name) if producer is not None else None
+                    if a is None or a == b:
+                        continue
+                    consumer = consumer or self.strategy(name, mesh)
+                    src, dst = self.output_spec(value, mesh), consumer.inputs[slot]
+                    if src is not None and dst is not None and src != dst:
+                        out[a, b] += resharding_cost(src, dst, shape_of(value),
+                                                     itemsize(value.dtype), mesh)[0]
+        return out
 
 
 def crossing_bytes(graph: ir.Graph, layers: list[Layer]) -> np.ndarray:
@@ -178,20 +184,20 @@ class RangeCosts:
     transient_memory: np.ndarray
 
 
-def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray,
-                layer_bound: Callable[[int, int], bool]) -> RangeCosts:
-    """Compose layer costs into range costs; ``layer_bound(i, j)`` prunes ranges (inf)."""
+def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray) -> RangeCosts:
+    """Costs of every layer range [i, j] on ``mesh`` (cached per mesh on the model)."""
+    key = (mesh.shape, mesh.links)
+    if key in model._ranges:
+        return model._ranges[key]
     num = len(model.layers)
     costs = [model.layer(i, mesh).cost for i in range(num)]
-    edge = np.zeros((num, num))
-    for b in range(num):
-        for a in range(b):
-            edge[a, b] = model.edge_cost(a, b, mesh)
+    edge = model.edges(mesh)
     shape = (num, num)
     out = {k: np.full(shape, np.inf) for k in RangeCosts.__dataclass_fields__}
     for i in range(num):
         acc = dict.fromkeys(out, 0.0)
         inner = 0.0
+        transfer = transfer_seconds(model.cluster, cut[i], mesh.num_devices) if i else 0.0
         for j in range(i, num):
             c = costs[j]
             inner += edge[i:j, j].sum()
@@ -202,11 +208,9 @@ def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray,
             acc["static_memory"] += c.static_memory
             acc["stash_memory"] += c.stash_memory
             acc["transient_memory"] = max(acc["transient_memory"], c.transient_memory)
-            if not layer_bound(i, j):
-                continue
-            transfer = transfer_seconds(model.cluster, cut[i], mesh.num_devices) if i else 0.0
             for k in out:
                 out[k][i, j] = acc[k]
             out["per_microbatch"][i, j] += inner + transfer
             out["communication"][i, j] += inner + transfer
-    return RangeCosts(**out)
+    model._ranges[key] = RangeCosts(**out)
+    return model._ranges[key]
