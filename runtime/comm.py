@@ -5,7 +5,7 @@ wheel), a GPU backend implements the same methods with NCCL. Groups are tuples o
 device ids in the order a spec's axes enumerate them (first axis major), so a gather along a
 split dim concatenates blocks in tensor order.
 
-Every MPI operation is non-blocking and polled against a deadline
+Every MPI operation is non-blocking and polled (without sleeping) against a deadline
 (``ALPA_COMM_TIMEOUT`` seconds, default 120): a dead or stuck peer ends the whole job with a
 message naming this rank, the operation and the peers it waited for; it never hangs.
 """
@@ -24,6 +24,8 @@ import numpy as np
 
 Group = tuple[int, ...]
 REDUCE_OPS = ("sum", "mean", "max", "min")
+_CHECK = 256  # polls between deadline checks
+_SPIN = 64  # polls before each further one yields the core
 
 
 class Communicator(ABC):
@@ -32,6 +34,7 @@ class Communicator(ABC):
     rank: int
     size: int
     seconds: float  # wall time spent inside communication since the last reset
+    calls: int  # operations completed since the last reset
 
     @abstractmethod
     def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray: ...
@@ -82,9 +85,22 @@ def contiguous(x: np.ndarray) -> np.ndarray:
 
 
 def _split(x: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
+    """``np.stack(np.split(x, n, dim))`` as one reshape and (for dim > 0) one copy."""
     if x.shape[dim] % n:
         raise ValueError(f"{what}: dim {dim} of shape {x.shape} does not split into {n} parts")
-    return contiguous(np.stack(np.split(x, n, axis=dim)))
+    parts = x.reshape(*x.shape[:dim], n, x.shape[dim] // n, *x.shape[dim + 1 :])
+    return contiguous(np.moveaxis(parts, dim, 0))
+
+
+def concat_blocks(blocks: np.ndarray, dim: int) -> np.ndarray:
+    """``np.concatenate(list(blocks), dim)`` as one copy (none for dim 0)."""
+    joined = np.moveaxis(blocks, 0, dim)
+    shape = (
+        *joined.shape[:dim],
+        joined.shape[dim] * joined.shape[dim + 1],
+        *joined.shape[dim + 2 :],
+    )
+    return contiguous(joined).reshape(shape)
 
 
 def _mean(total: np.ndarray, n: int) -> np.ndarray:
@@ -105,6 +121,7 @@ class MpiCommunicator(Communicator):
         self.size = self.world.Get_size()
         self.timeout = timeout or float(os.environ.get("ALPA_COMM_TIMEOUT", "120"))
         self.seconds = 0.0
+        self.calls = 0
         self._groups: dict[Group, object] = {}
         self._sends: list[tuple[object, np.ndarray, int]] = []
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -126,23 +143,26 @@ class MpiCommunicator(Communicator):
             raise ValueError(f"rank {self.rank} is not in group {group}")
         return self._groups[group]
 
-    def _wait(self, request, what: str, peers: Sequence[int]) -> None:
-        start = time.perf_counter()
+    def _wait(self, request, what: str, peers: Sequence[int], start: float) -> None:
+        """Poll ``request`` until done (MPICH progresses only while a rank polls). No sleeps:
+        a sleep's wake-up latency (50 us to 1 ms) would dwarf a small collective. The first
+        ``_SPIN`` polls spin (a peer arriving within microseconds is served at once), later
+        ones yield the core so a peer sharing it still runs; the deadline is checked every
+        ``_CHECK`` polls. ``start`` is when the operation was issued."""
         deadline = start + self.timeout
+        test = request.Test
         spins = 0
-        while not request.Test():
-            now = time.perf_counter()
-            if now > deadline:
+        while not test():
+            spins += 1
+            if spins % _CHECK == 0 and time.perf_counter() > deadline:
                 self.fail(
                     f"{what} timed out after {self.timeout:g}s waiting for ranks "
                     f"{sorted(set(peers) - {self.rank})}"
                 )
-            spins += 1
-            if spins < 200:
+            if spins > _SPIN:
                 os.sched_yield()
-            else:
-                time.sleep(min(1e-3, 1e-5 * (spins - 199)))
         self.seconds += time.perf_counter() - start
+        self.calls += 1
 
     def fail(self, message: str) -> None:
         sys.stderr.write(f"alpa-plan: rank {self.rank}: {message}; aborting the job\n")
@@ -154,7 +174,8 @@ class MpiCommunicator(Communicator):
             return x
         x = contiguous(x)
         out = np.empty_like(x)
-        self._wait(self._comm(group).Iallreduce(x, out, self._ops[op]), "all_reduce", group)
+        start = time.perf_counter()
+        self._wait(self._comm(group).Iallreduce(x, out, self._ops[op]), "all_reduce", group, start)
         return _mean(out, len(group)) if op == "mean" else out
 
     def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray:
@@ -162,16 +183,18 @@ class MpiCommunicator(Communicator):
             return x
         x = contiguous(x)
         out = np.empty((len(group), *x.shape), x.dtype)
-        self._wait(self._comm(group).Iallgather(x, out), "all_gather", group)
-        return np.concatenate(list(out), axis=dim)
+        start = time.perf_counter()
+        self._wait(self._comm(group).Iallgather(x, out), "all_gather", group, start)
+        return concat_blocks(out, dim)
 
     def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray:
         if len(group) == 1:
             return x
         send = _split(x, len(group), dim, "reduce_scatter")
         out = np.empty(send.shape[1:], x.dtype)
+        start = time.perf_counter()
         request = self._comm(group).Ireduce_scatter_block(send, out, self._ops[op])
-        self._wait(request, "reduce_scatter", group)
+        self._wait(request, "reduce_scatter", group, start)
         return _mean(out, len(group)) if op == "mean" else out
 
     def all_to_all(
@@ -181,26 +204,33 @@ class MpiCommunicator(Communicator):
             return x
         send = _split(x, len(group), split_dim, "all_to_all")
         out = np.empty_like(send)
-        self._wait(self._comm(group).Ialltoall(send, out), "all_to_all", group)
-        return np.concatenate(list(out), axis=concat_dim)
+        start = time.perf_counter()
+        self._wait(self._comm(group).Ialltoall(send, out), "all_to_all", group, start)
+        return concat_blocks(out, concat_dim)
 
     def broadcast(self, x: np.ndarray, group: Group, root: int) -> np.ndarray:
         if len(group) == 1:
             return x
         out = contiguous(x).copy()
-        self._wait(self._comm(group).Ibcast(out, root=group.index(root)), "broadcast", group)
+        start = time.perf_counter()
+        request = self._comm(group).Ibcast(out, root=group.index(root))
+        self._wait(request, "broadcast", group, start)
         return out
 
     def send(self, x: np.ndarray, dst: int, tag: int) -> None:
         x = contiguous(x)
+        start = time.perf_counter()
         self._sends.append((self.world.Isend(x, dst, tag), x, dst))
+        self.seconds += time.perf_counter() - start
 
     def recv(self, out: np.ndarray, src: int, tag: int) -> None:
-        self._wait(self.world.Irecv(out, src, tag), f"recv from rank {src} (tag {tag})", [src])
+        start = time.perf_counter()
+        request = self.world.Irecv(out, src, tag)
+        self._wait(request, f"recv from rank {src} (tag {tag})", [src], start)
 
     def wait_sends(self) -> None:
         for request, _, dst in self._sends:
-            self._wait(request, f"send to rank {dst}", [dst])
+            self._wait(request, f"send to rank {dst}", [dst], time.perf_counter())
         self._sends.clear()
 
     def send_object(self, obj: object, dst: int, tag: int) -> None:

@@ -141,6 +141,7 @@ class NcclCommunicator(Communicator):
         )
         self.cp.cuda.Device(self.device).use()
         self.seconds = 0.0
+        self.calls = 0
         self._comms: dict[Group, Any] = {}
         self._pending: list[Any] = []
         world = tuple(range(self.size))
@@ -185,6 +186,7 @@ class NcclCommunicator(Communicator):
                 )
             time.sleep(1e-5)
         self.seconds += time.perf_counter() - start
+        self.calls += 1
 
     def _run(self, what: str, group: Group, call: Callable[[Any, int], None]) -> None:
         comm = self._comm(group)

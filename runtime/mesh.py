@@ -8,6 +8,7 @@ layout from the plan alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ class RankMesh:
             )
         return RankMesh(shape, devices)
 
+    @functools.cache  # noqa: B019 - meshes are few, immutable and live for the whole run
     def coords(self, device: int) -> tuple[int, ...]:
+        """Cached, as resharding asks for it per collective every step."""
         return tuple(int(c) for c in np.unravel_index(self.devices.index(device), self.shape))
 
     def device_at(self, coords: Sequence[int]) -> int:
@@ -58,6 +61,10 @@ class RankMesh:
 
     def group(self, device: int, axes: Sequence[int]) -> list[int]:
         """Devices that share ``device``'s coords off ``axes``, ordered by combined index."""
+        return list(self._group(device, tuple(axes)))
+
+    @functools.cache  # noqa: B019 - see coords
+    def _group(self, device: int, axes: tuple[int, ...]) -> tuple[int, ...]:
         base = list(self.coords(device))
         out = []
         for k in range(self.size(axes)):
@@ -65,7 +72,7 @@ class RankMesh:
             for a, c in zip(axes, np.unravel_index(k, [self.shape[a] for a in axes]), strict=True):
                 coords[a] = int(c)
             out.append(self.device_at(coords))
-        return out
+        return tuple(out)
 
     def box(self, spec: ShardingSpec, shape: Sequence[int], device: int) -> Box:
         """The global region ``device`` holds of a tensor of ``shape`` under ``spec``."""

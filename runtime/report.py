@@ -1,11 +1,13 @@
 """Per-step metrics and the run report: the plan's predictions next to what was measured.
 
-Measured per stage, per step: onnxruntime compute, collective time (resharding, strategy
-collectives, gradient sync), point-to-point time (cross-stage transfers, including waiting for
-the neighbouring stage, i.e. the pipeline bubble), their sum as communication, and the
-executor's own overhead = wall - compute - communication. Predicted per stage: the plan's
-per-iteration compute, communication and bubble. A stage's number is the slowest of its
-ranks; the first step is left out of the means when there are more (session warm-up).
+A step's wall time splits into onnxruntime compute, communication (time inside the
+communicator's collectives and sends/receives, waiting for peers included: the pipeline
+bubble is spent there) and the executor's own overhead, everything else (Python dispatch,
+slicing and concatenation around collectives, accumulation). Also measured per stage:
+the instruction-level times of collectives and point-to-point transfers (copies included)
+and the number of communication calls. Predicted per stage: the plan's per-iteration
+compute, communication and bubble. A stage's number is the slowest of its ranks; the first
+step is left out of the means when there are more (session warm-up).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from planner.plan_io import canonical_json, write_atomic
 from planner.plan_schema import Plan
 from runtime.comm import Communicator
 
-KINDS = ("compute", "collective", "p2p", "wall")
+KINDS = ("compute", "collective", "p2p", "comm", "calls", "wall")
 
 
 def collect_step(comm: Communicator, mine: dict, tag: int) -> dict | None:
@@ -54,9 +56,18 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
             k: _mean([max(r[k] for r in row["ranks"] if r["stage"] == s.index) for row in timed])
             for k in KINDS
         }
-        measured["communication"] = measured["collective"] + measured["p2p"]
-        busy = measured["compute"] + measured["communication"]
-        measured["overhead"] = max(measured["wall"] - busy, 0.0)
+        measured["communication"] = measured.pop("comm")
+        measured["seconds_per_call"] = measured["communication"] / max(measured["calls"], 1)
+        measured["overhead"] = _mean(
+            [
+                max(
+                    r["wall"] - r["compute"] - r["comm"]
+                    for r in row["ranks"]
+                    if r["stage"] == s.index
+                )
+                for row in timed
+            ]
+        )
         pred = plan.predicted.stages[s.index] if s.index < len(plan.predicted.stages) else None
         stages.append(
             {
@@ -83,6 +94,7 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
     step = _mean([row["wall"] for row in timed])
     compute = _mean([max(r["compute"] for r in row["ranks"]) for row in timed])
     overhead = max(stage["measured"]["overhead"] for stage in stages)
+    communication = max(stage["measured"]["communication"] for stage in stages)
     return {
         "plan": {
             "method": plan.options.method,
@@ -99,6 +111,7 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
             "seconds": overhead,
             "fraction_of_step": overhead / step,
             "wall_minus_compute": step - compute,
+            "communication_fraction": communication / step,
         },
         "stages": stages,
     }
@@ -112,6 +125,7 @@ def write(plan: Plan, rows: list[dict], setup: float, path: Path | None) -> None
     click.echo(
         f"{len(rows)} steps: {it['measured'] * 1e3:.1f} ms/step (predicted "
         f"{it['predicted'] * 1e3:.1f} ms), {summary['throughput_samples_per_s']:.1f} samples/s, "
-        f"runtime overhead {summary['runtime_overhead']['fraction_of_step']:.1%}"
+        f"runtime overhead {summary['runtime_overhead']['fraction_of_step']:.1%}, "
+        f"communication {summary['runtime_overhead']['communication_fraction']:.1%}"
         + (f"; report: {path}" if path else "")
     )

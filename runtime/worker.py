@@ -25,6 +25,7 @@ from planner.plan_io import load_plan
 from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
+from runtime.buckets import BUCKETED, run_collective, sync
 from runtime.comm import Communicator, MpiCommunicator, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
 from runtime.launch import PID_DIR
@@ -32,6 +33,7 @@ from runtime.mesh import RankMesh, shard
 from runtime.partition import (
     Collect,
     CollectiveOp,
+    Instr,
     Recv,
     Reshard,
     Run,
@@ -52,8 +54,10 @@ DIE_HOOK = "ALPA_TEST_DIE_AFTER_STEP"  # "rank:step": SIGKILL that rank after th
 
 @dataclass
 class Timers:
+    """Per instruction kind; the communicator's own ``seconds`` is the time inside MPI."""
+
     compute: float = 0.0  # inside onnxruntime
-    collective: float = 0.0  # resharding and strategy collectives, incl. gradient sync
+    collective: float = 0.0  # resharding and strategy collectives, incl. gradient sync+copies
     p2p: float = 0.0  # cross-stage sends/receives, incl. waiting for the other stage
 
     def as_dict(self) -> dict[str, float]:
@@ -80,16 +84,6 @@ class Job:
     checkpoints: Checkpointing | None = None
 
 
-def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.ndarray:
-    if op.kind == "all_reduce":
-        return comm.all_reduce(x, op.group, op.reduce)
-    if op.kind == "all_gather":
-        return comm.all_gather(x, op.group, op.dim)
-    if op.kind == "reduce_scatter":
-        return comm.reduce_scatter(x, op.group, op.dim, op.reduce)
-    return comm.broadcast(x, op.group, op.group[0])
-
-
 class StageRunner:
     """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update."""
 
@@ -108,22 +102,49 @@ class StageRunner:
             for name, spec in program.state_specs.items()
         }
         self.timers = Timers()
+        self.programs = {phase: self._batched(instrs) for phase, instrs in program.programs.items()}
+
+    def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
+        """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
+        every updated weight after a sharded update) become one list, run bucketed (see
+        ``runtime.buckets``): one call per bucket instead of one per tensor."""
+        out: list[Instr | list[Reshard]] = []
+        for ins in instrs:
+            if not (
+                isinstance(ins, Reshard) and len(ins.steps) == 1 and ins.steps[0].kind in BUCKETED
+            ):
+                out.append(ins)
+                continue
+            run = out[-1] if out and isinstance(out[-1], list) else None
+            if run is None or ins.src in {r.dst for r in run}:
+                out.append([ins])
+            else:
+                run.append(ins)
+        return out
+
+    def _op(self, step: reshard.Step) -> CollectiveOp:
+        group = tuple(self.p.mesh.group(self.p.device, (step.axis,)))
+        return CollectiveOp(step.kind, group, "sum", step.dim)
 
     def _get(self, env: dict[str, np.ndarray], key: str) -> np.ndarray:
         return env[key] if key in env else self.state[key]
 
     def run(self, phase: str, env: dict[str, np.ndarray], m: int) -> None:
         t = self.timers
-        for ins in self.p.programs[phase]:
+        for ins in self.programs[phase]:
             start = time.perf_counter()
-            if isinstance(ins, Run):
+            if isinstance(ins, list):
+                xs = [self._get(env, r.src) for r in ins]
+                synced = sync(xs, [[self._op(r.steps[0])] for r in ins], self.comm)
+                env.update(zip((r.dst for r in ins), synced, strict=True))
+            elif isinstance(ins, Run):
                 seg = ins.segment
                 assert seg.session is not None
                 feeds = {k: self._get(env, k) for k in seg.inputs}
                 env.update(zip(seg.outputs, seg.session.run(seg.outputs, feeds), strict=True))
                 t.compute += time.perf_counter() - start
                 continue
-            if isinstance(ins, Reshard):
+            elif isinstance(ins, Reshard):
                 env[ins.dst] = reshard.apply(
                     self._get(env, ins.src), ins.steps, self.p.mesh, self.p.device, self.comm
                 )
@@ -174,13 +195,11 @@ class StageRunner:
                     acc[g.key] = acc[g.key] + env[g.key] if g.key in acc else env[g.key]
         step_env: dict[str, np.ndarray] = {}
         start = time.perf_counter()
-        for g in self.p.grads:
-            x = acc[g.key]
-            if self.m > 1:
-                x = x / np.asarray(self.m, x.dtype)
-            for op in g.deferred:
-                x = run_collective(op, x, self.comm)
-            step_env[g.key] = x
+        grads = self.p.grads
+        if self.m > 1:
+            acc = {g.key: acc[g.key] / np.asarray(self.m, acc[g.key].dtype) for g in grads}
+        synced = sync([acc[g.key] for g in grads], [g.deferred for g in grads], self.comm)
+        step_env.update(zip((g.key for g in grads), synced, strict=True))
         self.timers.collective += time.perf_counter() - start
         self.run("update", step_env, 0)
         for key, state in self.p.assigns:
@@ -387,7 +406,7 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
             )
         )
         before = runner.timers.as_dict()
-        comm.seconds = 0.0
+        comm.seconds, comm.calls = 0.0, 0
         start = time.perf_counter()
         loss, grads = runner.step(batch, plan.options.schedule, len(plan.stages))
         wall = time.perf_counter() - start
@@ -398,6 +417,8 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
             "loss": loss,
             "wall": wall,
             **{k: after[k] - before[k] for k in after},
+            "comm": comm.seconds,
+            "calls": comm.calls,
         }
         row = report.collect_step(comm, mine, METRICS_TAG)
         if comm.rank == 0:

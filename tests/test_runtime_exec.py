@@ -70,6 +70,29 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
             group = tuple(mesh.group(r, b.partial))
             out, want = comm.all_reduce(out, group, "sum"), comm.all_reduce(want, group, "sum")
         assert np.allclose(out, want), (src, dst)
+    # bucketed sync == one collective chain per tensor (mixed kinds, groups, dims, dtypes)
+    from runtime.buckets import run_collective, sync
+    from runtime.partition import CollectiveOp as Op
+    g1 = tuple(mesh.group(r, (1,)))
+    shapes = [((4, 6), "f4"), ((2, 8), "f4"), ((6,), "f8"), ((4, 2), "f4"), ((2, 4), "f4")]
+    xs = [rng.standard_normal(s).astype(t) + r for s, t in shapes]
+    ops = [
+        [Op("all_reduce", g01, "mean", None), Op("all_gather", g0, "sum", 1)],
+        [Op("reduce_scatter", g0, "sum", 1)],
+        [Op("all_reduce", g01, "mean", None)],
+        [Op("reduce_scatter", g0, "sum", 0), Op("broadcast", g1, "sum", None)],
+        [Op("all_gather", g0, "sum", 0)],
+    ]
+    want = []
+    for x, chain in zip(xs, ops):
+        for op in chain:
+            x = run_collective(op, x, comm)
+        want.append(x)
+    calls = comm.calls
+    got = sync(xs, ops, comm)
+    assert comm.calls - calls == 6, comm.calls - calls  # 8 unbucketed
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and np.allclose(g, w)
     print("ok", r)
     """
     result = _mpi(4, script)
