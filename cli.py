@@ -188,24 +188,53 @@ def diff_cmd(a: str, b: str, as_json: bool) -> None:
 
 @main.command("run")
 @click.argument("plan", type=click.Path(dir_okay=False))
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="The ONNX file the plan was compiled from.")
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The ONNX file the plan was compiled from.",
+)
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--data", type=click.Path(dir_okay=False),
-              help="Global batch as .npz (one array per data input); synthetic when omitted.")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Run report JSON [default: PLAN with .run.json].")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False),
-              help="Write sharded training-state checkpoints here (always after the last step).")
-@click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Also checkpoint every K steps (0: only after the last).")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help="Global batch as .npz (one array per data input); synthetic when omitted.",
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    help="Run report JSON [default: PLAN with .run.json].",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    help="Write sharded training-state checkpoints here (always after the last step).",
+)
+@click.option(
+    "--checkpoint-every",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also checkpoint every K steps (0: only after the last).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint.")
-@click.option("--reshard", is_flag=True,
-              help="Resume from a checkpoint of another plan by re-slicing its tensors.")
+@click.option(
+    "--reshard",
+    is_flag=True,
+    help="Resume from a checkpoint of another plan by re-slicing its tensors.",
+)
 @user_errors
-def run_cmd(plan: str, model: str, steps: int, data: str | None, report: str | None,
-            checkpoint_dir: str | None, checkpoint_every: int, resume: bool,
-            reshard: bool) -> None:
+def run_cmd(
+    plan: str,
+    model: str,
+    steps: int,
+    data: str | None,
+    report: str | None,
+    checkpoint_dir: str | None,
+    checkpoint_every: int,
+    resume: bool,
+    reshard: bool,
+) -> None:
     """Train with PLAN on its ranks (mpiexec, or the MPI/Slurm job this runs in): loss per
     step, throughput, and a report of predicted vs measured time per stage."""
     from pathlib import Path
@@ -214,18 +243,26 @@ def run_cmd(plan: str, model: str, steps: int, data: str | None, report: str | N
 
     if (resume or reshard or checkpoint_every) and not checkpoint_dir:
         raise UserError("--resume, --reshard and --checkpoint-every need --checkpoint-dir")
-    ckpt = (CheckpointArgs(checkpoint_dir, checkpoint_every, resume, reshard)
-            if checkpoint_dir else None)
+    ckpt = (
+        CheckpointArgs(checkpoint_dir, checkpoint_every, resume, reshard)
+        if checkpoint_dir
+        else None
+    )
     report = report or str(Path(plan).with_suffix(".run.json"))
     sys.exit(launch(plan, model, steps, data, report, verify=False, checkpoints=ckpt))
 
 
 @main.command("verify")
 @click.argument("plan", type=click.Path(dir_okay=False))
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="The ONNX file the plan was compiled from.")
-@click.option("--data", type=click.Path(dir_okay=False),
-              help="Global batch as .npz; synthetic when omitted.")
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The ONNX file the plan was compiled from.",
+)
+@click.option(
+    "--data", type=click.Path(dir_okay=False), help="Global batch as .npz; synthetic when omitted."
+)
 @user_errors
 def verify_cmd(plan: str, model: str, data: str | None) -> None:
     """One training step with PLAN vs on one rank: loss, gradients and updated parameters
@@ -236,14 +273,31 @@ def verify_cmd(plan: str, model: str, data: str | None) -> None:
 
 
 @main.command("profile")
-@click.option("--cluster", "cluster_spec", default="cpu", show_default=True, metavar="SPEC",
-              help="CPU cluster whose ranks to measure: cpu, cpu:N or cpu:HxN.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the measured cluster yaml.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="onnxruntime threads per rank (run with ALPA_ORT_THREADS set alike).")
-@click.option("--budget", type=float, default=0.05, show_default=True,
-              help="Seconds spent per measurement.")
+@click.option(
+    "--cluster",
+    "cluster_spec",
+    default="cpu",
+    show_default=True,
+    metavar="SPEC",
+    help="CPU cluster whose ranks to measure: cpu, cpu:N or cpu:HxN.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the measured cluster yaml.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="onnxruntime threads per rank (run with ALPA_ORT_THREADS set alike).",
+)
+@click.option(
+    "--budget", type=float, default=0.05, show_default=True, help="Seconds spent per measurement."
+)
 @user_errors
 def profile_cmd(cluster_spec: str, output: str, threads: int, budget: float) -> None:
     """Measure this machine's ranks (FLOP/s, memory bandwidth, per-op latency, MPI alpha and
@@ -269,8 +323,13 @@ def schema_cmd() -> None:
 
 @main.command("report")
 @click.argument("plan", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="report.html (self-contained page) or report.png.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="report.html (self-contained page) or report.png.",
+)
 @user_errors
 def report_cmd(plan: str, output: str) -> None:
     """Pipeline timeline, device map and cost breakdown of PLAN as HTML or PNG."""
@@ -285,12 +344,18 @@ def report_cmd(plan: str, output: str) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @model_options
 @add_training_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the training-step ONNX model.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the training-step ONNX model.",
+)
 @click.option("--emit-gradients", is_flag=True, help="Also output each parameter's gradient.")
 @user_errors
-def train_graph_cmd(model: str, dims, input_shapes, output: str, emit_gradients: bool,
-                    **training) -> None:
+def train_graph_cmd(
+    model: str, dims, input_shapes, output: str, emit_gradients: bool, **training
+) -> None:
     """Write MODEL's training step (forward, loss, backward, optimizer update) as ONNX."""
     from planner.importer import import_model
     from planner.training import build_training_step, save_model_atomic, training_options_from_cli
@@ -299,8 +364,11 @@ def train_graph_cmd(model: str, dims, input_shapes, output: str, emit_gradients:
     step = build_training_step(import_model(model, import_options(dims, input_shapes)), options)
     save_model_atomic(step, output)
     graph = step.graph
-    click.echo(f"wrote {output}: {len(graph)} nodes, {len(graph.inputs)} inputs, "
-               f"{len(graph.outputs)} outputs (loss {graph.outputs[0].name!r})")
+    click.echo(
+        f"wrote {output}: {len(graph)} nodes, {len(graph.inputs)} inputs, "
+        f"{len(graph.outputs)} outputs (loss {graph.outputs[0].name!r})"
+    )
+
 
 def _auto_int(value: str, flag: str) -> int | None:
     if value == "auto":
@@ -313,30 +381,67 @@ def _auto_int(value: str, flag: str) -> int | None:
 def compile_options(fn):
     """Options shared by `compile` and `compare`."""
     options = [
-        click.option("--cluster", "cluster_spec", required=True, metavar="SPEC",
-                     help="Preset (p3.16xlarge:8, dgx-a100:2, cpu:4, cpu:2x2) or a yaml file."),
-        click.option("--mode", type=click.Choice(["train", "infer"]), default="train",
-                     show_default=True),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-                     default="float32", show_default=True,
-                     help="Precision to plan for: half = mixed precision (fp32 master state)."),
-        click.option("--global-batch", type=int, default=None,
-                     help="Global batch (default: the model's bound batch)."),
+        click.option(
+            "--cluster",
+            "cluster_spec",
+            required=True,
+            metavar="SPEC",
+            help="Preset (p3.16xlarge:8, dgx-a100:2, cpu:4, cpu:2x2) or a yaml file.",
+        ),
+        click.option(
+            "--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default="float32",
+            show_default=True,
+            help="Precision to plan for: half = mixed precision (fp32 master state).",
+        ),
+        click.option(
+            "--global-batch",
+            type=int,
+            default=None,
+            help="Global batch (default: the model's bound batch).",
+        ),
         click.option("--microbatches", default="auto", show_default=True, metavar="auto|N"),
-        click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b",
-                     show_default=True),
-        click.option("--layers", default="auto", show_default=True, metavar="auto|N",
-                     help="Layers the forward graph is clustered into."),
-        click.option("--time-limit", type=float, default=20.0, show_default=True,
-                     help="Seconds per ILP; the best solution found is kept, with its gap."),
+        click.option(
+            "--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True
+        ),
+        click.option(
+            "--layers",
+            default="auto",
+            show_default=True,
+            metavar="auto|N",
+            help="Layers the forward graph is clustered into.",
+        ),
+        click.option(
+            "--time-limit",
+            type=float,
+            default=20.0,
+            show_default=True,
+            help="Seconds per ILP; the best solution found is kept, with its gap.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return add_training_options(model_options(fn))
 
 
-def _compile_options(method, mode, dtype, global_batch, microbatches, schedule, layers,
-                     time_limit, dp, tp, pp, training):
+def _compile_options(
+    method,
+    mode,
+    dtype,
+    global_batch,
+    microbatches,
+    schedule,
+    layers,
+    time_limit,
+    dp,
+    tp,
+    pp,
+    training,
+):
     from planner.compiler import CompileOptions
     from planner.training import training_options_from_cli
 
@@ -346,9 +451,15 @@ def _compile_options(method, mode, dtype, global_batch, microbatches, schedule, 
     if method == "megatron" and None in megatron:
         raise UserError("--method megatron needs --dp A --tp B --pp C")
     return CompileOptions(
-        method=method, mode=mode, dtype=dtype, training=training_options_from_cli(**training),
-        global_batch=global_batch, microbatches=_auto_int(microbatches, "--microbatches"),
-        schedule=schedule, layers=_auto_int(layers, "--layers"), megatron=megatron,
+        method=method,
+        mode=mode,
+        dtype=dtype,
+        training=training_options_from_cli(**training),
+        global_batch=global_batch,
+        microbatches=_auto_int(microbatches, "--microbatches"),
+        schedule=schedule,
+        layers=_auto_int(layers, "--layers"),
+        megatron=megatron,
         time_limit=time_limit,
     )
 
@@ -363,35 +474,83 @@ def _progress():
     console = Console(stderr=True)
     if not console.is_terminal:
         return contextlib.nullcontext(None)
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn(
-        "{task.completed} ILPs"), TimeElapsedColumn(), console=console, transient=True)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed} ILPs"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @compile_options
-@click.option("--method", type=click.Choice(["auto", "shard", "data", "zero2", "zero3",
-                                             "megatron"]), default="auto", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "shard", "data", "zero2", "zero3", "megatron"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--dp", type=int, default=None, help="megatron: data-parallel degree.")
 @click.option("--tp", type=int, default=None, help="megatron: tensor-parallel degree.")
 @click.option("--pp", type=int, default=None, help="megatron: pipeline stages.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--emit-onnx", type=click.Path(dir_okay=False), default=None,
-              help="Also write the model with ONNX IR v11 sharding annotations.")
-@click.option("--timings", type=click.Path(dir_okay=False), default=None,
-              help="Write wall times as JSON (kept out of the plan so plans stay identical).")
+@click.option(
+    "--emit-onnx",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the model with ONNX IR v11 sharding annotations.",
+)
+@click.option(
+    "--timings",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write wall times as JSON (kept out of the plan so plans stay identical).",
+)
 @user_errors
-def compile_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_batch, microbatches,
-                schedule, layers, time_limit, method, dp, tp, pp, output, emit_onnx, timings,
-                **training) -> None:
+def compile_cmd(
+    model,
+    dims,
+    input_shapes,
+    cluster_spec,
+    mode,
+    dtype,
+    global_batch,
+    microbatches,
+    schedule,
+    layers,
+    time_limit,
+    method,
+    dp,
+    tp,
+    pp,
+    output,
+    emit_onnx,
+    timings,
+    **training,
+) -> None:
     """Plan MODEL for a cluster and write the plan JSON."""
     from cost_models.cluster import resolve_cluster
     from planner.compiler import compile_plan
     from planner.plan_io import canonical_json, write_atomic, write_plan
 
     cluster = resolve_cluster(cluster_spec)
-    opts = _compile_options(method, mode, dtype, global_batch, microbatches, schedule, layers,
-                            time_limit, dp, tp, pp, training)
+    opts = _compile_options(
+        method,
+        mode,
+        dtype,
+        global_batch,
+        microbatches,
+        schedule,
+        layers,
+        time_limit,
+        dp,
+        tp,
+        pp,
+        training,
+    )
     with _progress() as bar:
         task = bar.add_task("planning", total=None) if bar else None
         tick = (lambda: bar.advance(task)) if bar else None
@@ -418,15 +577,40 @@ def compile_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_bat
 @compile_options
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @user_errors
-def compare_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_batch, microbatches,
-                schedule, layers, time_limit, as_json, **training) -> None:
+def compare_cmd(
+    model,
+    dims,
+    input_shapes,
+    cluster_spec,
+    mode,
+    dtype,
+    global_batch,
+    microbatches,
+    schedule,
+    layers,
+    time_limit,
+    as_json,
+    **training,
+) -> None:
     """Every method and the best Megatron dp x tp x pp point, under one cost model."""
     from cost_models.cluster import resolve_cluster
     from planner.compare import compare, rows_json
 
     cluster = resolve_cluster(cluster_spec)
-    opts = _compile_options("auto", mode, dtype, global_batch, microbatches, schedule, layers,
-                            time_limit, None, None, None, training)
+    opts = _compile_options(
+        "auto",
+        mode,
+        dtype,
+        global_batch,
+        microbatches,
+        schedule,
+        layers,
+        time_limit,
+        None,
+        None,
+        None,
+        training,
+    )
     rows = compare(model, import_options(dims, input_shapes), cluster, opts)
     if as_json:
         click.echo(json.dumps(rows_json(rows), indent=2, sort_keys=True))
@@ -434,14 +618,24 @@ def compare_cmd(model, dims, input_shapes, cluster_spec, mode, dtype, global_bat
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("method", "configuration", "iteration", "peak mem/device", "MFU", "feasible",
-                  title=f"{model} on {cluster.name} ({cluster.num_devices} devices)")
+    table = Table(
+        "method",
+        "configuration",
+        "iteration",
+        "peak mem/device",
+        "MFU",
+        "feasible",
+        title=f"{model} on {cluster.name} ({cluster.num_devices} devices)",
+    )
     for r in rows:
         table.add_row(
-            r.method, r.configuration,
+            r.method,
+            r.configuration,
             f"{r.iteration_time * 1e3:.4g} ms" if r.iteration_time is not None else "-",
             f"{r.peak_memory / 2**30:.3g} GiB" if r.peak_memory is not None else "-",
-            f"{r.mfu:.1%}" if r.mfu is not None else "-", "yes" if r.feasible else "no")
+            f"{r.mfu:.1%}" if r.mfu is not None else "-",
+            "yes" if r.feasible else "no",
+        )
     Console().print(table)
 
 

@@ -116,8 +116,9 @@ def helper_step_check(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     step64 = to_float64(ir.load(a.step))
     feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
-    errors = finite_difference_errors(step64, feeds64, per_param=a.fd_per_param,
-                                      rng=np.random.default_rng(1))
+    errors = finite_difference_errors(
+        step64, feeds64, per_param=a.fd_per_param, rng=np.random.default_rng(1)
+    )
     worst = max(errors, key=errors.__getitem__) if errors else None
     out["fd_params_checked"] = len(errors)
     out["fd_max_rel_err"] = errors[worst] if worst else None
@@ -239,53 +240,91 @@ def _specs() -> list[Spec]:
     big = {"hidden": 2048, "inter": 8192, "heads": 16, "kv": 8, "vocab": 32000, "layers": 2}
 
     def opt(s: dict[str, Any]) -> Any:
-        return tf.OPTConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                            num_hidden_layers=s["layers"], ffn_dim=s["inter"],
-                            num_attention_heads=s["heads"], max_position_embeddings=s["pos"],
-                            word_embed_proj_dim=s["hidden"], pad_token_id=1, bos_token_id=2,
-                            eos_token_id=2)
+        return tf.OPTConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            num_hidden_layers=s["layers"],
+            ffn_dim=s["inter"],
+            num_attention_heads=s["heads"],
+            max_position_embeddings=s["pos"],
+            word_embed_proj_dim=s["hidden"],
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
 
     def neox(s: dict[str, Any]) -> Any:
-        return tf.GPTNeoXConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                                num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                                intermediate_size=s["inter"], max_position_embeddings=s["pos"],
-                                bos_token_id=0, eos_token_id=0)
+        return tf.GPTNeoXConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            intermediate_size=s["inter"],
+            max_position_embeddings=s["pos"],
+            bos_token_id=0,
+            eos_token_id=0,
+        )
 
     def qwen2(s: dict[str, Any]) -> Any:
-        return tf.Qwen2Config(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                              intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                              num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                              max_position_embeddings=s["pos"])
+        return tf.Qwen2Config(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv"],
+            max_position_embeddings=s["pos"],
+        )
 
     def mistral(s: dict[str, Any]) -> Any:
-        return tf.MistralConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                                intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                                num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                                max_position_embeddings=s["pos"])
+        return tf.MistralConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv"],
+            max_position_embeddings=s["pos"],
+        )
 
     def phi(s: dict[str, Any]) -> Any:
-        return tf.PhiConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                            intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                            num_attention_heads=s["heads"], max_position_embeddings=s["pos"])
+        return tf.PhiConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            max_position_embeddings=s["pos"],
+        )
 
     def gemma(s: dict[str, Any]) -> Any:
-        return tf.GemmaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                              intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                              num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                              head_dim=s["hidden"] // s["heads"],
-                              max_position_embeddings=s["pos"])
+        return tf.GemmaConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv"],
+            head_dim=s["hidden"] // s["heads"],
+            max_position_embeddings=s["pos"],
+        )
 
     def qwen2moe(s: dict[str, Any]) -> Any:
-        return tf.Qwen2MoeConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
-                                 intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                                 num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                                 max_position_embeddings=s["pos"],
-                                 moe_intermediate_size=s["inter"] // 4,
-                                 shared_expert_intermediate_size=s["inter"] // 2,
-                                 num_experts=4, num_experts_per_tok=2)
+        return tf.Qwen2MoeConfig(
+            vocab_size=s["vocab"],
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv"],
+            max_position_embeddings=s["pos"],
+            moe_intermediate_size=s["inter"] // 4,
+            shared_expert_intermediate_size=s["inter"] // 2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
 
-    tiny = {"hidden": h, "inter": i, "heads": n, "kv": kv, "vocab": VOCAB, "layers": 2,
-            "pos": 64}
+    tiny = {"hidden": h, "inter": i, "heads": n, "kv": kv, "vocab": VOCAB, "layers": 2, "pos": 64}
     large = {**big, "pos": 1024}
     specs = []
     for name, cls, fn, extra in [
@@ -297,24 +336,66 @@ def _specs() -> list[Spec]:
         ("gemma", "GemmaForCausalLM", gemma, {}),
         ("qwen2-moe", "Qwen2MoeForCausalLM", qwen2moe, {"experts_implementation": "batched_mm"}),
     ]:
-        specs.append(Spec(name, cls, (lambda f=fn: f(tiny)), "causal",
-                          (lambda f=fn: f(large)), extra))
+        specs.append(
+            Spec(name, cls, (lambda f=fn: f(tiny)), "causal", (lambda f=fn: f(large)), extra)
+        )
     specs += [
-        Spec("distilbert", "DistilBertForMaskedLM",
-             lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=h, n_layers=2, n_heads=n,
-                                         hidden_dim=i, max_position_embeddings=64), "mlm"),
-        Spec("roberta", "RobertaForMaskedLM",
-             lambda: tf.RobertaConfig(vocab_size=VOCAB, hidden_size=h, num_hidden_layers=2,
-                                      num_attention_heads=n, intermediate_size=i,
-                                      max_position_embeddings=66, pad_token_id=1), "mlm"),
-        Spec("convnext", "ConvNextForImageClassification",
-             lambda: tf.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32],
-                                       depths=[1, 1], patch_size=4, image_size=32,
-                                       num_labels=10), "image"),
-        Spec("swin", "SwinForImageClassification",
-             lambda: tf.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16,
-                                   depths=[1, 1], num_heads=[2, 2], window_size=4,
-                                   num_labels=10), "image"),
+        Spec(
+            "distilbert",
+            "DistilBertForMaskedLM",
+            lambda: tf.DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=h,
+                n_layers=2,
+                n_heads=n,
+                hidden_dim=i,
+                max_position_embeddings=64,
+            ),
+            "mlm",
+        ),
+        Spec(
+            "roberta",
+            "RobertaForMaskedLM",
+            lambda: tf.RobertaConfig(
+                vocab_size=VOCAB,
+                hidden_size=h,
+                num_hidden_layers=2,
+                num_attention_heads=n,
+                intermediate_size=i,
+                max_position_embeddings=66,
+                pad_token_id=1,
+            ),
+            "mlm",
+        ),
+        Spec(
+            "convnext",
+            "ConvNextForImageClassification",
+            lambda: tf.ConvNextConfig(
+                num_channels=3,
+                num_stages=2,
+                hidden_sizes=[16, 32],
+                depths=[1, 1],
+                patch_size=4,
+                image_size=32,
+                num_labels=10,
+            ),
+            "image",
+        ),
+        Spec(
+            "swin",
+            "SwinForImageClassification",
+            lambda: tf.SwinConfig(
+                image_size=32,
+                patch_size=4,
+                num_channels=3,
+                embed_dim=16,
+                depths=[1, 1],
+                num_heads=[2, 2],
+                window_size=4,
+                num_labels=10,
+            ),
+            "image",
+        ),
     ]
     return specs
 
@@ -328,8 +409,9 @@ def _wrappers() -> dict[str, type]:
             self.model = m
 
         def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).logits
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
 
     class GraphOnly(nn.Module):
         def __init__(self, m: nn.Module) -> None:
@@ -386,8 +468,10 @@ def make_inputs(spec: Spec) -> tuple[dict[str, Any], Any]:
         return {"pixel_values": x}, torch.randint(0, 10, (BATCH,), generator=g)
     lo = 3 if spec.name == "roberta" else 0  # keep RoBERTa's pad/bos/eos ids out of the batch
     ids = torch.randint(lo, VOCAB, (BATCH, SEQ + 1), generator=g)
-    inputs = {"input_ids": ids[:, :SEQ].contiguous(),
-              "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.int64)}
+    inputs = {
+        "input_ids": ids[:, :SEQ].contiguous(),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.int64),
+    }
     labels = ids[:, 1:].contiguous() if spec.kind == "causal" else ids[:, :SEQ].contiguous()
     return inputs, labels
 
@@ -418,24 +502,45 @@ def export(model: Any, inputs: dict[str, Any], exporter: str, path: Path) -> lis
     args = tuple(inputs.values())
     notes: list[str] = []
     if exporter == "ts":
-        dyn = {k: ({0: "batch"} if k == "pixel_values" else {0: "batch", 1: "seq"})
-               for k in names}
+        dyn = {k: ({0: "batch"} if k == "pixel_values" else {0: "batch", 1: "seq"}) for k in names}
         dyn["logits"] = {0: "batch"} if "pixel_values" in names else {0: "batch", 1: "seq"}
-        torch.onnx.export(model, args, str(path), input_names=names, output_names=["logits"],
-                          dynamic_axes=dyn, opset_version=OPSET_TS, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=dyn,
+            opset_version=OPSET_TS,
+            dynamo=False,
+            do_constant_folding=True,
+        )
         return notes
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=64)
     dyn_shapes = tuple({0: batch} if k == "pixel_values" else {0: batch, 1: seq} for k in names)
     try:
-        prog = torch.onnx.export(model, args, input_names=names, output_names=["logits"],
-                                 dynamic_shapes=dyn_shapes, dynamo=True,
-                                 opset_version=OPSET_DYNAMO, verbose=False)
+        prog = torch.onnx.export(
+            model,
+            args,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=dyn_shapes,
+            dynamo=True,
+            opset_version=OPSET_DYNAMO,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001
         notes.append(f"dynamic-shape export failed ({type(e).__name__}); exported static")
-        prog = torch.onnx.export(model, args, input_names=names, output_names=["logits"],
-                                 dynamo=True, opset_version=OPSET_DYNAMO, verbose=False)
+        prog = torch.onnx.export(
+            model,
+            args,
+            input_names=names,
+            output_names=["logits"],
+            dynamo=True,
+            opset_version=OPSET_DYNAMO,
+            verbose=False,
+        )
     prog.save(str(path), external_data=False)
     proto = onnx.load(str(path))
     strip_metadata(proto)
@@ -495,32 +600,63 @@ def export_large(spec: Spec, path: Path, seq: int) -> dict[str, Any]:
         model = build(spec, large=True)
         n_params = sum(p.numel() for p in model.parameters())
         ids = torch.zeros(1, seq, dtype=torch.int64)
-        prog = torch.onnx.export(model, (ids,), input_names=["input_ids"],
-                                 output_names=["logits"], dynamo=True, optimize=False,
-                                 opset_version=OPSET_DYNAMO, verbose=False)
+        prog = torch.onnx.export(
+            model,
+            (ids,),
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamo=True,
+            optimize=False,
+            opset_version=OPSET_DYNAMO,
+            verbose=False,
+        )
     irm = prog.model
     offset = 0
     for value in irm.graph.initializers.values():
         old = value.const_value
         length = int(np.prod(old.shape.numpy())) * old.dtype.itemsize
-        value.const_value = ir.ExternalTensor(f"{path.name}.data", offset, length, old.dtype,
-                                              shape=old.shape, name=value.name)
+        value.const_value = ir.ExternalTensor(
+            f"{path.name}.data", offset, length, old.dtype, shape=old.shape, name=value.name
+        )
         offset += length
     proto = ir.serde.serialize_model(irm)
     strip_metadata(proto)
     onnx.save(proto, str(path))
     cfg = spec.large().to_dict()
-    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "ffn_dim", "num_experts")
+    keep = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "ffn_dim",
+        "num_experts",
+    )
     return {"torch_params": n_params, "config": {k: cfg[k] for k in keep if k in cfg}}
 
 
 # =========================================================================== checks
 
 
-COL_NAMES = {"q_proj", "k_proj", "v_proj", "query_key_value", "qkv_proj", "Wqkv", "c_attn",
-             "gate_proj", "up_proj", "gate_up_proj", "fc1", "dense_h_to_4h", "c_fc", "query",
-             "key", "value"}
+COL_NAMES = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "query_key_value",
+    "qkv_proj",
+    "Wqkv",
+    "c_attn",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "fc1",
+    "dense_h_to_4h",
+    "c_fc",
+    "query",
+    "key",
+    "value",
+}
 ROW_NAMES = {"o_proj", "out_proj", "dense", "down_proj", "fc2", "dense_4h_to_h", "c_proj"}
 BLOCK_RE = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
@@ -560,14 +696,26 @@ def classify(plan: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
             # output dim on the other mesh axis (2-D tensor parallelism on a 2-D mesh)
             lenient = k_split and kinds == ["all_reduce"]
             ok = lenient and not n_split
-        blocks.setdefault(int(m.group(1)), []).append({
-            "param": pname, "want": want, "spec": spec, "collectives": kinds, "ok": bool(ok),
-            "lenient": bool(lenient), "strategy": node["strategy"],
-            "layout": "N,K" if w["op"] == "Gemm" and w["transB"] else "K,N"})
+        blocks.setdefault(int(m.group(1)), []).append(
+            {
+                "param": pname,
+                "want": want,
+                "spec": spec,
+                "collectives": kinds,
+                "ok": bool(ok),
+                "lenient": bool(lenient),
+                "strategy": node["strategy"],
+                "layout": "N,K" if w["op"] == "Gemm" and w["transB"] else "K,N",
+            }
+        )
     follow = [b for b, rows in blocks.items() if rows and all(r["ok"] for r in rows)]
     loose = [b for b, rows in blocks.items() if rows and all(r["lenient"] for r in rows)]
-    return {"blocks": len(blocks), "follow": len(follow), "follow_lenient": len(loose),
-            "detail": blocks}
+    return {
+        "blocks": len(blocks),
+        "follow": len(follow),
+        "follow_lenient": len(loose),
+        "detail": blocks,
+    }
 
 
 PLANS = [
@@ -577,8 +725,11 @@ PLANS = [
     ("shard", "cpu:4", ["--method", "shard"]),
     ("auto", "cpu:4", ["--method", "auto"]),
     ("megatron 2x2x1", "cpu:4", ["--method", "megatron", "--dp", "2", "--tp", "2", "--pp", "1"]),
-    ("pipeline 2 stages", "cpu:2x2",
-     ["--method", "megatron", "--dp", "1", "--tp", "2", "--pp", "2", "--microbatches", "4"]),
+    (
+        "pipeline 2 stages",
+        "cpu:2x2",
+        ["--method", "megatron", "--dp", "1", "--tp", "2", "--pp", "2", "--microbatches", "4"],
+    ),
 ]
 TRAIN = ["--loss", "cross_entropy", "--labels", "labels", "--optimizer", "adam"]
 VERIFY_RE = re.compile(r"worst (?:grad |tensor )?(\S+) at ([0-9.eE+-]+)")
@@ -591,8 +742,12 @@ def check_inspect(path: Path, dims: dict[str, int], acct: dict[str, Any]) -> dic
     except json.JSONDecodeError:
         return {"ok": False, "error": c.tail(), "seconds": c.seconds}
     if "error" in js:
-        return {"ok": False, "error": js["error"][-300:], "unsupported": js["unsupported_ops"],
-                "seconds": c.seconds}
+        return {
+            "ok": False,
+            "error": js["error"][-300:],
+            "unsupported": js["unsupported_ops"],
+            "seconds": c.seconds,
+        }
     n = js["num_parameters"]
     if n == acct["torch_unique"]:
         why = "equal"
@@ -600,29 +755,57 @@ def check_inspect(path: Path, dims: dict[str, int], acct: dict[str, Any]) -> dic
         why = "tied weight stored twice by the exporter"
     elif acct["missing"]:
         folded = sum(s for _, s in acct["missing"])
-        why = (f"{len(acct['missing'])} torch params ({folded} el.) not found as initializers "
-               f"(folded/rewritten by the exporter), e.g. {acct['missing'][0][0]}")
+        why = (
+            f"{len(acct['missing'])} torch params ({folded} el.) not found as initializers "
+            f"(folded/rewritten by the exporter), e.g. {acct['missing'][0][0]}"
+        )
     else:
         why = "unexplained difference"
     if acct["duplicated"]:
         why += "; duplicated: " + ", ".join(f"{k} x{v}" for k, v in acct["duplicated"].items())
-    return {"ok": not js["unsupported_ops"], "alpa": n, "unsupported": js["unsupported_ops"],
-            "why": why, "seconds": c.seconds}
+    return {
+        "ok": not js["unsupported_ops"],
+        "alpa": n,
+        "unsupported": js["unsupported_ops"],
+        "why": why,
+        "seconds": c.seconds,
+    }
 
 
-def check_training(path: Path, dims: dict[str, int], data: Path, work: Path,
-                   fd_per_param: int) -> dict[str, Any]:
+def check_training(
+    path: Path, dims: dict[str, int], data: Path, work: Path, fd_per_param: int
+) -> dict[str, Any]:
     step = work / (path.stem + ".step.onnx")
     t0 = time.time()
-    c = sh([ALPA, "train-graph", str(path), *dim_args(dims), *TRAIN, "-o", str(step),
-            "--emit-gradients"])
+    c = sh(
+        [
+            ALPA,
+            "train-graph",
+            str(path),
+            *dim_args(dims),
+            *TRAIN,
+            "-o",
+            str(step),
+            "--emit-gradients",
+        ]
+    )
     if c.rc != 0:
         return {"ok": False, "error": f"train-graph rc={c.rc}: {c.tail()}", "seconds": c.seconds}
-    res, hc = helper("step-check", model=path, step=step, data=data, dims=json.dumps(dims),
-                     fd_per_param=fd_per_param, adam_steps=20)
+    res, hc = helper(
+        "step-check",
+        model=path,
+        step=step,
+        data=data,
+        dims=json.dumps(dims),
+        fd_per_param=fd_per_param,
+        adam_steps=20,
+    )
     if res is None:
-        return {"ok": False, "error": f"step-check rc={hc.rc}: {hc.tail(4)}",
-                "seconds": time.time() - t0}
+        return {
+            "ok": False,
+            "error": f"step-check rc={hc.rc}: {hc.tail(4)}",
+            "seconds": time.time() - t0,
+        }
     losses = res["adam_losses"]
     res["loss_before"], res["loss_after"] = losses[0], losses[-1]
     res["falls"] = losses[-1] < losses[0]
@@ -633,15 +816,30 @@ def check_training(path: Path, dims: dict[str, int], data: Path, work: Path,
     return res
 
 
-def check_plans(path: Path, dims: dict[str, int], work: Path, time_limit: float,
-                only: set[str] | None) -> list[dict[str, Any]]:
+def check_plans(
+    path: Path, dims: dict[str, int], work: Path, time_limit: float, only: set[str] | None
+) -> list[dict[str, Any]]:
     rows = []
     for label, cluster, extra in PLANS:
         if only is not None and label.split()[0] not in only:
             continue
         plan = work / f"{path.stem}.{label.split()[0]}.plan.json"
-        c = sh([ALPA, "compile", str(path), *dim_args(dims), *TRAIN, "--cluster", cluster,
-                "--time-limit", str(time_limit), *extra, "-o", str(plan)])
+        c = sh(
+            [
+                ALPA,
+                "compile",
+                str(path),
+                *dim_args(dims),
+                *TRAIN,
+                "--cluster",
+                cluster,
+                "--time-limit",
+                str(time_limit),
+                *extra,
+                "-o",
+                str(plan),
+            ]
+        )
         row: dict[str, Any] = {"plan": label, "cluster": cluster, "compile_s": c.seconds}
         if c.rc != 0:
             row.update(status="compile failed", detail=c.tail())
@@ -678,13 +876,31 @@ def _check_megatron(spec: Spec, work: Path, seq: int, time_limit: float) -> dict
     try:
         info = export_large(spec, path, seq)
     except Exception as e:  # noqa: BLE001
-        return {"ok": False, "error": f"graph-only export failed: {type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300]}", "seconds": time.time() - t0}
+        return {
+            "ok": False,
+            "error": f"graph-only export failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}",
+            "seconds": time.time() - t0,
+        }
     info["export_s"] = time.time() - t0
     info["config"]["seq"] = seq
     plan = work / f"{spec.name}.large.shard.json"
-    c = sh([ALPA, "compile", str(path), *TRAIN, "--cluster", "p3.16xlarge", "--method", "shard",
-            "--time-limit", str(time_limit), "-o", str(plan)])
+    c = sh(
+        [
+            ALPA,
+            "compile",
+            str(path),
+            *TRAIN,
+            "--cluster",
+            "p3.16xlarge",
+            "--method",
+            "shard",
+            "--time-limit",
+            str(time_limit),
+            "-o",
+            str(plan),
+        ]
+    )
     info["compile_s"] = c.seconds
     if c.rc != 0:
         return {**info, "ok": False, "error": f"compile rc={c.rc}: {c.tail()}"}
@@ -716,107 +932,168 @@ def md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def write_report(out: Path, results: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                 megatron: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def write_report(
+    out: Path,
+    results: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    megatron: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> None:
     L: list[str] = []  # noqa: N806
-    L += ["# Held-out Hugging Face exports through alpa-plan", "",
-          f"Generated by `bench/heldout.py` on {meta['date']} in {meta['total_s']:.0f} s "
-          f"(torch {meta['torch']}, transformers {meta['transformers']}; alpa-plan at "
-          f"{meta.get('git', '?')}). Tiny random-weight "
-          f"configs (hidden 64, 2 layers, vocab {VOCAB}, eager attention, batch {BATCH} x seq "
-          f"{SEQ} for export/gradients; plans for batch {PLAN_BATCH}); every number below is "
-          "produced by the commands the script runs, nothing is copied in.", ""]
-    L += ["## Exports", "", "| model | exporter | status | ORT vs torch max abs err | notes | "
-          "export s |", "|---|---|---|---|---|---|"]
+    L += [
+        "# Held-out Hugging Face exports through alpa-plan",
+        "",
+        f"Generated by `bench/heldout.py` on {meta['date']} in {meta['total_s']:.0f} s "
+        f"(torch {meta['torch']}, transformers {meta['transformers']}; alpa-plan at "
+        f"{meta.get('git', '?')}). Tiny random-weight "
+        f"configs (hidden 64, 2 layers, vocab {VOCAB}, eager attention, batch {BATCH} x seq "
+        f"{SEQ} for export/gradients; plans for batch {PLAN_BATCH}); every number below is "
+        "produced by the commands the script runs, nothing is copied in.",
+        "",
+    ]
+    L += [
+        "## Exports",
+        "",
+        "| model | exporter | status | ORT vs torch max abs err | notes | export s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
-        L.append(f"| {r['model']} | {r['exporter']} | {r['export_status']} | "
-                 f"{fmt(r.get('ort_err'))} | {md_escape('; '.join(r.get('notes', [])))} | "
-                 f"{r['export_s']:.1f} |")
+        L.append(
+            f"| {r['model']} | {r['exporter']} | {r['export_status']} | "
+            f"{fmt(r.get('ort_err'))} | {md_escape('; '.join(r.get('notes', [])))} | "
+            f"{r['export_s']:.1f} |"
+        )
     for s in skipped:
-        L.append(f"| {s['model']} | {s['exporter']} | SKIPPED | - | "
-                 f"{md_escape(s['reason'])} | {s['export_s']:.1f} |")
-    L += ["", "## Issue 2: `inspect-model --json` parameters and unsupported ops", "",
-          "torch = `sum(p.numel() for p in model.parameters())` (unique); tied = tied weights "
-          "counted per use; ONNX float init = all float initializer elements.", "",
-          "| model | exporter | torch | tied | alpa-plan | ONNX float init | unsupported_ops | "
-          "explanation | s |", "|---|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| {s['model']} | {s['exporter']} | SKIPPED | - | "
+            f"{md_escape(s['reason'])} | {s['export_s']:.1f} |"
+        )
+    L += [
+        "",
+        "## Issue 2: `inspect-model --json` parameters and unsupported ops",
+        "",
+        "torch = `sum(p.numel() for p in model.parameters())` (unique); tied = tied weights "
+        "counted per use; ONNX float init = all float initializer elements.",
+        "",
+        "| model | exporter | torch | tied | alpa-plan | ONNX float init | unsupported_ops | "
+        "explanation | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         i = r.get("inspect")
         if i is None:
             continue
         a = r["acct"]
         if "alpa" not in i:
-            L.append(f"| {r['model']} | {r['exporter']} | {a['torch_unique']} | "
-                     f"{a['torch_with_tied']} | ERROR | {a['onnx_float_init']} | "
-                     f"{i.get('unsupported', '-')} | {md_escape(i['error'])} | "
-                     f"{i['seconds']:.1f} |")
+            L.append(
+                f"| {r['model']} | {r['exporter']} | {a['torch_unique']} | "
+                f"{a['torch_with_tied']} | ERROR | {a['onnx_float_init']} | "
+                f"{i.get('unsupported', '-')} | {md_escape(i['error'])} | "
+                f"{i['seconds']:.1f} |"
+            )
             continue
-        L.append(f"| {r['model']} | {r['exporter']} | {a['torch_unique']} | "
-                 f"{a['torch_with_tied']} | {i['alpa']} | {a['onnx_float_init']} | "
-                 f"{i['unsupported'] or '[]'} | {md_escape(i['why'])} | {i['seconds']:.1f} |")
-    L += ["", "## Issue 3: `train-graph --emit-gradients` in onnxruntime", "",
-          "Gradients of the CLI's step vs float64 central differences (`tests/gradcheck.py`, "
-          "eps 1e-6, sampled entries per parameter tensor); 20 Adam steps (lr 1e-3) on one "
-          "batch, float32 onnxruntime CPU.", "",
-          "| model | exporter | params | FD max rel err | worst param | loss before | "
-          "loss after 20 | ok | s |", "|---|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| {r['model']} | {r['exporter']} | {a['torch_unique']} | "
+            f"{a['torch_with_tied']} | {i['alpa']} | {a['onnx_float_init']} | "
+            f"{i['unsupported'] or '[]'} | {md_escape(i['why'])} | {i['seconds']:.1f} |"
+        )
+    L += [
+        "",
+        "## Issue 3: `train-graph --emit-gradients` in onnxruntime",
+        "",
+        "Gradients of the CLI's step vs float64 central differences (`tests/gradcheck.py`, "
+        "eps 1e-6, sampled entries per parameter tensor); 20 Adam steps (lr 1e-3) on one "
+        "batch, float32 onnxruntime CPU.",
+        "",
+        "| model | exporter | params | FD max rel err | worst param | loss before | "
+        "loss after 20 | ok | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         t = r.get("train")
         if t is None:
             continue
         if "error" in t:
-            L.append(f"| {r['model']} | {r['exporter']} | - | - | - | - | - | FAIL: "
-                     f"{md_escape(t['error'])} | {t['seconds']:.1f} |")
+            L.append(
+                f"| {r['model']} | {r['exporter']} | - | - | - | - | - | FAIL: "
+                f"{md_escape(t['error'])} | {t['seconds']:.1f} |"
+            )
             continue
-        L.append(f"| {r['model']} | {r['exporter']} | {t['fd_params_checked']} | "
-                 f"{fmt(t['fd_max_rel_err'], 2)} | {t['fd_worst_param']} | "
-                 f"{t['loss_before']:.4f} | {t['loss_after']:.4f} | "
-                 f"{'yes' if t['ok'] else 'NO'} | {t['seconds']:.1f} |")
-    L += ["", "## Issue 7: `compile` + `verify` (fp32, rel err <= 1e-5)", "",
-          "cpu:4 for data/zero2/zero3/shard/auto/megatron (dp 2, tp 2, pp 1); the pipeline is "
-          "megatron dp 1 x tp 2 x pp 2 on cpu:2x2 with 4 micro-batches.", "",
-          "| model | exporter | plan | stages | result | detail | compile s | verify s |",
-          "|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| {r['model']} | {r['exporter']} | {t['fd_params_checked']} | "
+            f"{fmt(t['fd_max_rel_err'], 2)} | {t['fd_worst_param']} | "
+            f"{t['loss_before']:.4f} | {t['loss_after']:.4f} | "
+            f"{'yes' if t['ok'] else 'NO'} | {t['seconds']:.1f} |"
+        )
+    L += [
+        "",
+        "## Issue 7: `compile` + `verify` (fp32, rel err <= 1e-5)",
+        "",
+        "cpu:4 for data/zero2/zero3/shard/auto/megatron (dp 2, tp 2, pp 1); the pipeline is "
+        "megatron dp 1 x tp 2 x pp 2 on cpu:2x2 with 4 micro-batches.",
+        "",
+        "| model | exporter | plan | stages | result | detail | compile s | verify s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for p in r.get("plans", []):
-            L.append(f"| {r['model']} | {r['exporter']} | {p['plan']} | {p.get('stages', '-')} "
-                     f"| {p['status']} | {md_escape(p.get('detail', ''))} | "
-                     f"{p['compile_s']:.1f} | {fmt(p.get('verify_s'), 3)} |")
-    L += ["", "## Issue 4: Megatron pattern on held-out decoder LMs (`--method shard`, "
-          "p3.16xlarge = 1 host x 8 V100)", "",
-          f"Graph-only large configs (FakeTensorMode, dynamo optimize=False, weights never "
-          f"written), batch 1 x seq {meta['large_seq']}. A block follows the pattern when every "
-          "QKV / MLP-in projection splits the weight's output dim with no collective and every "
-          "attention-out / MLP-out projection splits its input dim with exactly one "
-          "all-reduce (from the plan's node strategies and collectives). *Lenient* also "
-          "accepts a row-parallel projection whose output dim is additionally split on the "
-          "other axis of a 2-D logical mesh.", "",
-          "| model | config | logical mesh | strict: blocks following / classified | lenient | "
-          "export s | compile s | deviations |", "|---|---|---|---|---|---|---|---|"]
+            L.append(
+                f"| {r['model']} | {r['exporter']} | {p['plan']} | {p.get('stages', '-')} "
+                f"| {p['status']} | {md_escape(p.get('detail', ''))} | "
+                f"{p['compile_s']:.1f} | {fmt(p.get('verify_s'), 3)} |"
+            )
+    L += [
+        "",
+        "## Issue 4: Megatron pattern on held-out decoder LMs (`--method shard`, "
+        "p3.16xlarge = 1 host x 8 V100)",
+        "",
+        f"Graph-only large configs (FakeTensorMode, dynamo optimize=False, weights never "
+        f"written), batch 1 x seq {meta['large_seq']}. A block follows the pattern when every "
+        "QKV / MLP-in projection splits the weight's output dim with no collective and every "
+        "attention-out / MLP-out projection splits its input dim with exactly one "
+        "all-reduce (from the plan's node strategies and collectives). *Lenient* also "
+        "accepts a row-parallel projection whose output dim is additionally split on the "
+        "other axis of a 2-D logical mesh.",
+        "",
+        "| model | config | logical mesh | strict: blocks following / classified | lenient | "
+        "export s | compile s | deviations |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in megatron:
         cfg = ", ".join(f"{k}={v}" for k, v in m.get("config", {}).items())
         if "error" in m:
-            L.append(f"| {m['model']} | {cfg} | - | FAIL | - | {fmt(m.get('export_s'))} | "
-                     f"{fmt(m.get('compile_s'))} | {md_escape(m['error'])} |")
+            L.append(
+                f"| {m['model']} | {cfg} | - | FAIL | - | {fmt(m.get('export_s'))} | "
+                f"{fmt(m.get('compile_s'))} | {md_escape(m['error'])} |"
+            )
             continue
-        bad = [f"{d['param']}: want {d['want']}, got `{d['strategy']}` {d['collectives']}"
-               for rows in m["detail"].values() for d in rows if not d["ok"]]
+        bad = [
+            f"{d['param']}: want {d['want']}, got `{d['strategy']}` {d['collectives']}"
+            for rows in m["detail"].values()
+            for d in rows
+            if not d["ok"]
+        ]
         note = "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         note = "; ".join(x for x in (m.get("note", ""), note) if x)
-        L.append(f"| {m['model']} | {cfg} | {m['mesh']} | {m['follow']} / {m['blocks']} | "
-                 f"{m['follow_lenient']} / {m['blocks']} | "
-                 f"{m['export_s']:.1f} | {m['compile_s']:.1f} | {md_escape(note) or 'all ok'} "
-                 "|")
+        L.append(
+            f"| {m['model']} | {cfg} | {m['mesh']} | {m['follow']} / {m['blocks']} | "
+            f"{m['follow_lenient']} / {m['blocks']} | "
+            f"{m['export_s']:.1f} | {m['compile_s']:.1f} | {md_escape(note) or 'all ok'} "
+            "|"
+        )
     L += ["", "### Per-projection detail (issue 4)", ""]
     for m in megatron:
         if "detail" not in m:
             continue
         L.append(f"- **{m['model']}** ({m.get('compile_msg', '')})")
         for b, rows in sorted(m["detail"].items()):
-            items = ", ".join(f"{d['param'].split('.')[-2]}:{d['spec']}"
-                              f"{' (N,K)' if d.get('layout') == 'N,K' else ''}"
-                              f"{'+' + '+'.join(d['collectives']) if d['collectives'] else ''}"
-                              f"{'' if d['ok'] else ' (X)'}" for d in rows)
+            items = ", ".join(
+                f"{d['param'].split('.')[-2]}:{d['spec']}"
+                f"{' (N,K)' if d.get('layout') == 'N,K' else ''}"
+                f"{'+' + '+'.join(d['collectives']) if d['collectives'] else ''}"
+                f"{'' if d['ok'] else ' (X)'}"
+                for d in rows
+            )
             L.append(f"  - block {b}: {items}")
     L += ["", "## Failures", ""]
     fails = []
@@ -830,12 +1107,15 @@ def write_report(out: Path, results: list[dict[str, Any]], skipped: list[dict[st
             fails.append(f"- {tag} train-graph/step: {t.get('error') or t}")
         for p in r.get("plans", []):
             if p["status"] != "pass":
-                fails.append(f"- {tag} {p['plan']} on {p['cluster']}: {p['status']}: "
-                             f"{p.get('detail', '')}")
+                fails.append(
+                    f"- {tag} {p['plan']} on {p['cluster']}: {p['status']}: {p.get('detail', '')}"
+                )
     for m in megatron:
         if not m.get("ok"):
-            fails.append(f"- {m['model']} megatron pattern: "
-                         f"{m.get('error') or str(m['follow']) + '/' + str(m['blocks'])}")
+            fails.append(
+                f"- {m['model']} megatron pattern: "
+                f"{m.get('error') or str(m['follow']) + '/' + str(m['blocks'])}"
+            )
     L += fails or ["none"]
     L.append("")
     out.write_text("\n".join(L))
@@ -844,8 +1124,13 @@ def write_report(out: Path, results: list[dict[str, Any]], skipped: list[dict[st
 # =========================================================================== main
 
 
-def run_model(spec: Spec, work: Path, a: argparse.Namespace, results: list[dict[str, Any]],
-              skipped: list[dict[str, Any]]) -> None:
+def run_model(
+    spec: Spec,
+    work: Path,
+    a: argparse.Namespace,
+    results: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+) -> None:
     import onnxruntime as ort
     import torch
 
@@ -873,12 +1158,23 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, results: list[dict[
             msg = str(e).strip().splitlines()
             reason = f"{type(e).__name__}: {(msg[0] if msg else '')[:300]}"
             print(f"    {exporter}: export SKIPPED: {reason}", flush=True)
-            skipped.append({"model": spec.name, "exporter": exporter, "reason": reason,
-                            "export_s": time.time() - t0})
+            skipped.append(
+                {
+                    "model": spec.name,
+                    "exporter": exporter,
+                    "reason": reason,
+                    "export_s": time.time() - t0,
+                }
+            )
             continue
-        r: dict[str, Any] = {"model": spec.name, "exporter": exporter, "ort_err": err,
-                             "notes": notes, "export_s": time.time() - t0,
-                             "export_status": "ok" if err <= ATOL else "MISMATCH"}
+        r: dict[str, Any] = {
+            "model": spec.name,
+            "exporter": exporter,
+            "ort_err": err,
+            "notes": notes,
+            "export_s": time.time() - t0,
+            "export_status": "ok" if err <= ATOL else "MISMATCH",
+        }
         print(f"    {exporter}: exported in {r['export_s']:.1f}s, ORT err {err:.2e}", flush=True)
         r["acct"] = param_accounting(model, path)
         if "static" in " ".join(notes):
@@ -886,16 +1182,22 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, results: list[dict[
             plan_dims = dims
         r["inspect"] = check_inspect(path, dims, r["acct"])
         i = r["inspect"]
-        print(f"    {exporter}: inspect {i.get('alpa', 'ERR')} vs torch "
-              f"{r['acct']['torch_unique']}, unsupported {i.get('unsupported')} "
-              f"({i['seconds']:.1f}s)", flush=True)
+        print(
+            f"    {exporter}: inspect {i.get('alpa', 'ERR')} vs torch "
+            f"{r['acct']['torch_unique']}, unsupported {i.get('unsupported')} "
+            f"({i['seconds']:.1f}s)",
+            flush=True,
+        )
         if not a.skip_train:
             r["train"] = check_training(path, dims, data, work, fd_per_param)
             t = r["train"]
-            print(f"    {exporter}: train {'ok' if t.get('ok') else 'FAIL'} "
-                  f"fd={fmt(t.get('fd_max_rel_err'))} loss {fmt(t.get('loss_before'))} -> "
-                  f"{fmt(t.get('loss_after'))} {t.get('error', '')[:200]} "
-                  f"({t['seconds']:.1f}s)", flush=True)
+            print(
+                f"    {exporter}: train {'ok' if t.get('ok') else 'FAIL'} "
+                f"fd={fmt(t.get('fd_max_rel_err'))} loss {fmt(t.get('loss_before'))} -> "
+                f"{fmt(t.get('loss_after'))} {t.get('error', '')[:200]} "
+                f"({t['seconds']:.1f}s)",
+                flush=True,
+            )
         chosen = a.plans if exporter == "dynamo" else a.ts_plans
         if not a.skip_plans and chosen != []:
             only = None if chosen is None or "all" in chosen else set(chosen)
@@ -918,8 +1220,7 @@ def render(raws: list[Path], out: Path) -> int:
     meta["date"] += f" (merged from {len(raws)} runs)"
     exported = {model for model, _ in results}
     skipped = {k: v for k, v in skipped.items() if k[1] != "-" or k[0] not in exported}
-    write_report(out, list(results.values()), list(skipped.values()), list(megatron.values()),
-                 meta)
+    write_report(out, list(results.values()), list(skipped.values()), list(megatron.values()), meta)
     print(f"wrote {out}")
     return 0
 
@@ -928,22 +1229,40 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "HELDOUT.md")
     ap.add_argument("--json", type=Path, default=None, help="also dump raw results as JSON")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep exports here (default: "
-                    "a temporary folder that is removed)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep exports here (default: a temporary folder that is removed)",
+    )
     ap.add_argument("--only", nargs="+", default=None, help="model names")
     ap.add_argument("--exporters", nargs="*", default=["dynamo", "ts"])
-    ap.add_argument("--plans", nargs="+", default=None,
-                    help="plans for dynamo exports (default all of: data zero2 zero3 shard "
-                    "auto megatron pipeline)")
-    ap.add_argument("--ts-plans", nargs="*", default=["data", "pipeline"],
-                    help="plans for TorchScript exports (each compile+verify costs 20-90 s "
-                    "on 2 cores; 'all' for the full matrix)")
+    ap.add_argument(
+        "--plans",
+        nargs="+",
+        default=None,
+        help="plans for dynamo exports (default all of: data zero2 zero3 shard "
+        "auto megatron pipeline)",
+    )
+    ap.add_argument(
+        "--ts-plans",
+        nargs="*",
+        default=["data", "pipeline"],
+        help="plans for TorchScript exports (each compile+verify costs 20-90 s "
+        "on 2 cores; 'all' for the full matrix)",
+    )
     ap.add_argument("--time-limit", type=float, default=5.0, help="ILP seconds (tiny models)")
     ap.add_argument("--large-seq", type=int, default=512)
     ap.add_argument("--large-time-limit", type=float, default=20.0)
-    ap.add_argument("--render", nargs="+", type=Path, default=None, metavar="RAW.json",
-                    help="only re-render --out from --json dumps of earlier runs (later "
-                    "files replace earlier entries of the same model and exporter)")
+    ap.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="RAW.json",
+        help="only re-render --out from --json dumps of earlier runs (later "
+        "files replace earlier entries of the same model and exporter)",
+    )
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-plans", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
@@ -986,14 +1305,19 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     try:
         for spec in specs:
-            print(f"== {spec.name} ({spec.hf_class}) [{time.time() - t_start:.0f}s]",
-                  flush=True)
+            print(f"== {spec.name} ({spec.hf_class}) [{time.time() - t_start:.0f}s]", flush=True)
             try:
                 run_model(spec, work, a, results, skipped)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
-                skipped.append({"model": spec.name, "exporter": "-", "export_s": 0.0,
-                                "reason": f"{type(e).__name__}: {str(e)[:300]}"})
+                skipped.append(
+                    {
+                        "model": spec.name,
+                        "exporter": "-",
+                        "export_s": 0.0,
+                        "reason": f"{type(e).__name__}: {str(e)[:300]}",
+                    }
+                )
             if spec.large is not None and not a.skip_megatron:
                 try:
                     m = check_megatron(spec, work, a.large_seq, a.large_time_limit)
@@ -1002,20 +1326,31 @@ def main(argv: list[str] | None = None) -> int:
                     m = {"ok": False, "error": f"bench error {type(e).__name__}: {e}"}
                 m["model"] = spec.name
                 megatron.append(m)
-                print(f"    megatron: {m.get('follow', '-')}/{m.get('blocks', '-')} blocks "
-                      f"{m.get('error', '')[:200]} ({m.get('seconds', 0):.1f}s)", flush=True)
+                print(
+                    f"    megatron: {m.get('follow', '-')}/{m.get('blocks', '-')} blocks "
+                    f"{m.get('error', '')[:200]} ({m.get('seconds', 0):.1f}s)",
+                    flush=True,
+                )
     finally:
         head = sh(["git", "rev-parse", "--short", "HEAD"]).out.strip()
         dirty = sh(["git", "status", "--short", "--untracked-files=no"]).out.split()[1::2]
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": time.time() - t_start,
-                "git": head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "large_seq": a.large_seq}
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "total_s": time.time() - t_start,
+            "git": head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "large_seq": a.large_seq,
+        }
         write_report(a.out, results, skipped, megatron, meta)
         if a.json:
-            a.json.write_text(json.dumps({"results": results, "skipped": skipped,
-                                          "megatron": megatron, "meta": meta}, indent=1,
-                                         default=str))
+            a.json.write_text(
+                json.dumps(
+                    {"results": results, "skipped": skipped, "megatron": megatron, "meta": meta},
+                    indent=1,
+                    default=str,
+                )
+            )
         if tmp is not None:
             tmp.cleanup()
     print(f"wrote {a.out} in {time.time() - t_start:.0f}s", flush=True)

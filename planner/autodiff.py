@@ -77,12 +77,19 @@ class Emitter:
     ) -> list[ir.Value]:
         name = self.names.fresh(f"{self._scope}/{op_type}")
         outs = [
-            ir.Value(name=self.names.fresh(f"{name}:{i}"), shape=ir.Shape(list(s)),
-                     type=ir.TensorType(d))
+            ir.Value(
+                name=self.names.fresh(f"{name}:{i}"), shape=ir.Shape(list(s)), type=ir.TensorType(d)
+            )
             for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))
         ]
-        node = ir.node(op_type, list(inputs), attrs or None, outputs=outs, name=name,
-                       metadata_props=dict(self.meta))
+        node = ir.node(
+            op_type,
+            list(inputs),
+            attrs or None,
+            outputs=outs,
+            name=name,
+            metadata_props=dict(self.meta),
+        )
         self.graph.append(node)
         return outs
 
@@ -116,9 +123,12 @@ class Emitter:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             name = self.names.fresh("const")
-            value = ir.Value(name=name, shape=ir.Shape(list(arr.shape)),
-                             type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                             const_value=ir.tensor(arr, name=name))
+            value = ir.Value(
+                name=name,
+                shape=ir.Shape(list(arr.shape)),
+                type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                const_value=ir.tensor(arr, name=name),
+            )
             set_role(value, Role.CONST)
             self.graph.register_initializer(value)
             self._consts[key] = value
@@ -173,8 +183,9 @@ class Emitter:
     def slice(self, x: ir.Value, axis: int, start: int, end: int) -> ir.Value:
         shape = list(shape_of(x))
         shape[axis] = end - start
-        return self.op("Slice", x, self.ints([start]), self.ints([end]), self.ints([axis]),
-                       shape=tuple(shape))
+        return self.op(
+            "Slice", x, self.ints([start]), self.ints([end]), self.ints([axis]), shape=tuple(shape)
+        )
 
 
 GradRule = Callable[[Emitter, ir.Node, list[ir.Value | None], list[bool]], list[ir.Value | None]]
@@ -186,8 +197,7 @@ def unbroadcast(e: Emitter, grad: ir.Value, shape: Shape) -> ir.Value:
     if gshape == tuple(shape):
         return grad
     lead = len(gshape) - len(shape)
-    axes = [i for i, d in enumerate(gshape)
-            if i < lead or (shape[i - lead] == 1 and d != 1)]
+    axes = [i for i, d in enumerate(gshape) if i < lead or (shape[i - lead] == 1 and d != 1)]
     return e.reshape(e.reduce("ReduceSum", grad, axes, keepdims=True), tuple(shape))
 
 
@@ -245,9 +255,11 @@ def _check_rules(path: list[ir.Node], rules: dict[str, GradRule]) -> None:
         if node.op_type not in rules:
             missing.setdefault(node.op_type, []).append(node)
     if missing:
-        parts = [f"{op} x{len(ns)} (first node: {ns[0].name})"
-                 for op, ns in sorted(missing.items())]
+        parts = [
+            f"{op} x{len(ns)} (first node: {ns[0].name})" for op, ns in sorted(missing.items())
+        ]
         raise UserError(
             "no gradient rule for op(s) on the path from the parameters to the loss: "
-            + "; ".join(parts) + ". Freeze those parameters or re-export without these ops"
+            + "; ".join(parts)
+            + ". Freeze those parameters or re-export without these ops"
         )

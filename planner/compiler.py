@@ -255,8 +255,7 @@ def _plan_auto(
         share = shape[0] * shape[1] / cluster.num_devices
         # Alpa's stage-imbalance pruning: a stage's FLOP share within 4x of its device share;
         # the whole cluster only ever runs the whole model.
-        keep = whole if share == 1.0 else (
-            (part >= share / 4) & (part <= share * 4) | (num <= 2))
+        keep = whole if share == 1.0 else ((part >= share / 4) & (part <= share * 4) | (num <= 2))
         for c, mesh in enumerate(meshes):
             rc = range_costs(costs, mesh, cut)
             stage[:, :, m, c] = np.where(keep, rc.per_microbatch, np.inf)
@@ -440,8 +439,11 @@ class Session:
             micro = self.global_batch // count if self.batch_name else self.bound
             options = _microbatch_import(self.path, self.import_options, self.batch_name, micro)
             model = import_model(self.path, options)
-            graph = (build_training_step(model, self.opts.training)
-                     if self.opts.mode == "train" else model).graph
+            graph = (
+                build_training_step(model, self.opts.training)
+                if self.opts.mode == "train"
+                else model
+            ).graph
             retype_activations(graph, self.opts.dtype)
             layers = assign_layers(graph, self.opts.layers)
             self._prepared[count] = Prepared(
@@ -452,10 +454,15 @@ class Session:
     def costs(self, prep: Prepared, method: str) -> StageCostModel:
         if method not in prep.costs:
             prep.costs[method] = StageCostModel(
-                prep.graph, prep.layers, self.cluster, method=method,
-                time_limit=self.opts.time_limit, progress=self.progress,
+                prep.graph,
+                prep.layers,
+                self.cluster,
+                method=method,
+                time_limit=self.opts.time_limit,
+                progress=self.progress,
                 step_weight=1.0 / prep.microbatches,
-                memory_price=memory_price(prep.graph, self.cluster))
+                memory_price=memory_price(prep.graph, self.cluster),
+            )
         return prep.costs[method]
 
     def solves(self) -> int:
@@ -531,9 +538,12 @@ def memory_price(graph: ir.Graph, cluster: Cluster) -> float:
     """Objective seconds per stored byte: the fraction of the whole cluster's memory that the
     training state needs (parameters, gradients, optimizer state) per byte of one device.
     Negligible for models far smaller than the cluster, decisive for ones that barely fit."""
-    state = sum(nbytes(v) for v in values_of(graph)
-                if role_of(v) in (Role.PARAM, Role.GRAD, Role.OPT_STATE)
-                and "alpa.updates" not in v.metadata_props)
+    state = sum(
+        nbytes(v)
+        for v in values_of(graph)
+        if role_of(v) in (Role.PARAM, Role.GRAD, Role.OPT_STATE)
+        and "alpa.updates" not in v.metadata_props
+    )
     pressure = state / (cluster.num_devices * cluster.device.memory_bytes)
     return pressure / cluster.device.memory_bytes
 

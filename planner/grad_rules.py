@@ -57,8 +57,10 @@ def _ints(node: ir.Node, name: str, index: int | None = None) -> list[int] | Non
     if index is not None and index < len(node.inputs) and node.inputs[index] is not None:
         array = const_array(node.inputs[index])
         if array is None:
-            raise UserError(f"{node.op_type} '{node.name}': input {index} ('{name}') must be a "
-                            "constant to differentiate it")
+            raise UserError(
+                f"{node.op_type} '{node.name}': input {index} ('{name}') must be a "
+                "constant to differentiate it"
+            )
         return [int(a) for a in np.asarray(array).reshape(-1)]
     return None
 
@@ -150,6 +152,7 @@ def _erf(e, node, g, x):
 @_unary("Gelu")
 def _gelu(e, node, g, x):
     """approximate='none': Φ(x) + x·φ(x); approximate='tanh': the derivative of tanh form."""
+
     def c(v: float) -> ir.Value:
         return e.scalar(v, x)
 
@@ -158,13 +161,19 @@ def _gelu(e, node, g, x):
         x2 = e.op("Mul", x, x)
         inner = e.op("Add", c(1.0), e.op("Mul", x2, c(a)))
         t = e.op("Tanh", e.op("Mul", e.op("Mul", x, c(k)), inner))
-        dt = e.op("Mul", e.op("Sub", c(1.0), e.op("Mul", t, t)),
-                  e.op("Mul", c(k), e.op("Add", c(1.0), e.op("Mul", x2, c(3 * a)))))
+        dt = e.op(
+            "Mul",
+            e.op("Sub", c(1.0), e.op("Mul", t, t)),
+            e.op("Mul", c(k), e.op("Add", c(1.0), e.op("Mul", x2, c(3 * a)))),
+        )
         slope = e.op("Mul", c(0.5), e.op("Add", e.op("Add", c(1.0), t), e.op("Mul", x, dt)))
     else:
         cdf = e.op("Mul", c(0.5), e.op("Add", c(1.0), e.op("Erf", e.op("Mul", x, c(0.5**0.5)))))
-        pdf = e.op("Mul", e.op("Exp", e.op("Mul", e.op("Mul", x, x), c(-0.5))),
-                   c(1.0 / math.sqrt(2 * math.pi)))
+        pdf = e.op(
+            "Mul",
+            e.op("Exp", e.op("Mul", e.op("Mul", x, x), c(-0.5))),
+            c(1.0 / math.sqrt(2 * math.pi)),
+        )
         slope = e.op("Add", cdf, e.op("Mul", x, pdf))
     return e.op("Mul", g, slope)
 
@@ -231,8 +240,11 @@ def _softsign(e, node, g, x):
 @_unary("HardSigmoid")
 def _hard_sigmoid(e, node, g, x):
     alpha = node.attributes.get_float("alpha", 0.2)
-    z = e.op("Add", e.op("Mul", x, e.scalar(alpha, x)),
-             e.scalar(node.attributes.get_float("beta", 0.5), x))
+    z = e.op(
+        "Add",
+        e.op("Mul", x, e.scalar(alpha, x)),
+        e.scalar(node.attributes.get_float("beta", 0.5), x),
+    )
     inside = e.op("And", e.op("Greater", z, e.scalar(0.0, x)), e.op("Less", z, e.scalar(1.0, x)))
     return e.op("Where", inside, e.op("Mul", g, e.scalar(alpha, x)), e.scalar(0.0, x))
 
@@ -322,16 +334,21 @@ def _pow(e, node, grads, needs):
 @rule("Max", "Min")
 def _max_min(e, node, grads, needs):
     g, y = grads[0], _y(node)
-    return [e.op("Mul", g, e.cast(e.op("Equal", x, y), g.dtype)) if need else None
-            for x, need in zip(node.inputs, needs, strict=True)]
+    return [
+        e.op("Mul", g, e.cast(e.op("Equal", x, y), g.dtype)) if need else None
+        for x, need in zip(node.inputs, needs, strict=True)
+    ]
 
 
 @rule("Where")
 def _where(e, node, grads, needs):
     g, cond = grads[0], _x(node, 0)
     zero = e.scalar(0.0, g)
-    return [None, e.op("Where", cond, g, zero) if needs[1] else None,
-            e.op("Where", cond, zero, g) if needs[2] else None]
+    return [
+        None,
+        e.op("Where", cond, g, zero) if needs[1] else None,
+        e.op("Where", cond, zero, g) if needs[2] else None,
+    ]
 
 
 @rule("PRelu")
@@ -339,8 +356,10 @@ def _prelu(e, node, grads, needs):
     g, x, slope = grads[0], _x(node, 0), _x(node, 1)
     pos = e.op("Greater", x, e.scalar(0.0, x))
     zero = e.scalar(0.0, x)
-    return [e.op("Where", pos, g, e.op("Mul", g, slope)) if needs[0] else None,
-            e.op("Where", pos, zero, e.op("Mul", g, x)) if needs[1] else None]
+    return [
+        e.op("Where", pos, g, e.op("Mul", g, slope)) if needs[0] else None,
+        e.op("Where", pos, zero, e.op("Mul", g, x)) if needs[1] else None,
+    ]
 
 
 @rule("Mod")
@@ -352,8 +371,9 @@ def _mod(e, node, grads, needs):
         ratio = e.op("Div", a, b)
         q = e.op("Floor", ratio, shape=shape_of(ratio))
         if node.attributes.get_int("fmod", 0):
-            q = e.op("Mul", e.op("Sign", ratio), e.op("Floor", e.op("Abs", ratio),
-                                                      shape=shape_of(ratio)))
+            q = e.op(
+                "Mul", e.op("Sign", ratio), e.op("Floor", e.op("Abs", ratio), shape=shape_of(ratio))
+            )
         gb = e.op("Neg", e.op("Mul", g, q))
     return [g, gb]
 
@@ -425,11 +445,10 @@ def _einsum_terms(node: ir.Node) -> tuple[list[str], str]:
     ranks = [len(shape_of(_x(node, i))) - len(t.replace("...", "")) for i, t in enumerate(terms)]
     width = max([r for t, r in zip(terms, ranks, strict=True) if "..." in t], default=0)
     dims = "".join(spare[:width])
-    terms = [t.replace("...", dims[width - r:]) for t, r in zip(terms, ranks, strict=True)]
+    terms = [t.replace("...", dims[width - r :]) for t, r in zip(terms, ranks, strict=True)]
     if not arrow:
         seen = "".join(terms)
-        out = "..." + "".join(sorted(c for c in set(seen) if seen.count(c) == 1 and
-                                     c not in dims))
+        out = "..." + "".join(sorted(c for c in set(seen) if seen.count(c) == 1 and c not in dims))
     return terms, out.replace("...", dims)
 
 
@@ -474,8 +493,18 @@ def _reduce_axes(node: ir.Node) -> list[int] | None:
     return sorted(a % rank for a in axes)
 
 
-@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSumSquare", "ReduceL1",
-      "ReduceL2", "ReduceLogSumExp", "ReduceLogSum", "ReduceProd")
+@rule(
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "ReduceLogSum",
+    "ReduceProd",
+)
 def _reduce(e, node, grads, needs):
     x, g = _x(node), grads[0]
     axes = _reduce_axes(node)
@@ -528,8 +557,9 @@ def _normalized(e: Emitter, x: ir.Value, axes: list[int], eps: float) -> tuple[i
     return e.op("Mul", xc, rstd), rstd
 
 
-def _normalize_vjp(e: Emitter, xhat: ir.Value, rstd: ir.Value, g_xhat: ir.Value,
-                   axes: list[int]) -> ir.Value:
+def _normalize_vjp(
+    e: Emitter, xhat: ir.Value, rstd: ir.Value, g_xhat: ir.Value, axes: list[int]
+) -> ir.Value:
     """gx = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) over the normalized axes."""
     m1 = e.reduce("ReduceMean", g_xhat, axes, keepdims=True)
     m2 = e.reduce("ReduceMean", e.op("Mul", g_xhat, xhat), axes, keepdims=True)
@@ -620,11 +650,18 @@ def _slice(e, node, grads, needs):
             pads[axis], pads[len(shape) + axis] = first, shape[axis] - stop
             continue
         cur = list(shape_of(g))
-        full = (*cur[:axis], shape[axis], *cur[axis + 1:])
-        index = np.broadcast_to(picked.reshape([-1 if i == axis else 1 for i in range(len(cur))]),
-                                cur)
-        g = e.op("ScatterElements", e.zeros(full, g.dtype), e.const(index.astype(np.int64)), g,
-                 shape=full, axis=axis)
+        full = (*cur[:axis], shape[axis], *cur[axis + 1 :])
+        index = np.broadcast_to(
+            picked.reshape([-1 if i == axis else 1 for i in range(len(cur))]), cur
+        )
+        g = e.op(
+            "ScatterElements",
+            e.zeros(full, g.dtype),
+            e.const(index.astype(np.int64)),
+            g,
+            shape=full,
+            axis=axis,
+        )
     if any(pads):
         g = e.op("Pad", g, e.ints(pads), shape=shape)
     return [g, *[None] * (len(node.inputs) - 1)]
@@ -640,8 +677,10 @@ def _pad(e, node, grads, needs):
     axes = _ints(node, "axes", 3) or list(range(len(shape)))
     starts = [pads[k] for k in range(len(axes))]
     ends = [s + shape[a % len(shape)] for s, a in zip(starts, axes, strict=True)]
-    return [e.op("Slice", g, e.ints(starts), e.ints(ends), e.ints(axes), shape=shape),
-            *[None] * (len(node.inputs) - 1)]
+    return [
+        e.op("Slice", g, e.ints(starts), e.ints(ends), e.ints(axes), shape=shape),
+        *[None] * (len(node.inputs) - 1),
+    ]
 
 
 @rule("Concat")
@@ -657,8 +696,10 @@ def _concat(e, node, grads, needs):
 @rule("Split")
 def _split(e, node, grads, needs):
     present = [g for g in grads if g is not None]
-    parts = [g if g is not None else e.zeros(shape_of(o), present[0].dtype)
-             for g, o in zip(grads, node.outputs, strict=True)]
+    parts = [
+        g if g is not None else e.zeros(shape_of(o), present[0].dtype)
+        for g, o in zip(grads, node.outputs, strict=True)
+    ]
     axis = node.attributes.get_int("axis", 0)
     out = e.op("Concat", *parts, shape=shape_of(_x(node)), axis=axis)
     return [out, *[None] * (len(node.inputs) - 1)]
@@ -668,12 +709,19 @@ def _scatter_add_rows(e: Emitter, rows: int, index: ir.Value, g: ir.Value) -> ir
     """zeros(rows, *rest) with each g[k] added at row index[k]. ScatterElements, not
     ScatterND: onnxruntime's ScatterND add races on repeated indices (wrong sums)."""
     ishape = shape_of(index)
-    rest = shape_of(g)[len(ishape):]
+    rest = shape_of(g)[len(ishape) :]
     k = math.prod(ishape)
     flat_g = e.reshape(g, (k, *rest))
     idx = e.expand(e.reshape(index, (k, *[1] * len(rest))), (k, *rest))
-    return e.op("ScatterElements", e.zeros((rows, *rest), g.dtype), idx, flat_g,
-                shape=(rows, *rest), axis=0, reduction="add")
+    return e.op(
+        "ScatterElements",
+        e.zeros((rows, *rest), g.dtype),
+        idx,
+        flat_g,
+        shape=(rows, *rest),
+        axis=0,
+        reduction="add",
+    )
 
 
 @rule("Gather")
@@ -697,8 +745,15 @@ def _gather(e, node, grads, needs):
 def _gather_elements(e, node, grads, needs):
     data, g = _x(node, 0), grads[0]
     shape = shape_of(data)
-    out = e.op("ScatterElements", e.zeros(shape, g.dtype), _x(node, 1), g, shape=shape,
-               axis=node.attributes.get_int("axis", 0), reduction="add")
+    out = e.op(
+        "ScatterElements",
+        e.zeros(shape, g.dtype),
+        _x(node, 1),
+        g,
+        shape=shape,
+        axis=node.attributes.get_int("axis", 0),
+        reduction="add",
+    )
     return [out, None]
 
 
@@ -711,7 +766,7 @@ def _gather_nd(e, node, grads, needs):
     shape, ishape = shape_of(data), shape_of(index)
     r = ishape[-1]
     lead = shape[:r]
-    strides = [math.prod(lead[j + 1:]) for j in range(r)]
+    strides = [math.prod(lead[j + 1 :]) for j in range(r)]
     wrapped = e.op("Mod", index, e.ints(lead), shape=ishape, dtype=index.dtype)
     linear = e.reduce("ReduceSum", e.op("Mul", wrapped, e.ints(strides)), [-1], keepdims=False)
     rows = _scatter_add_rows(e, math.prod(lead), linear, grads[0])
@@ -729,8 +784,18 @@ def _scatter(e, node, grads, needs):
     axis = {"axis": node.attributes.get_int("axis", 0)} if node.op_type == "ScatterElements" else {}
     gd = gu = None
     if needs[0]:
-        gd = g if reduction == "add" else e.op(
-            node.op_type, g, index, e.zeros(shape_of(updates), g.dtype), shape=shape_of(g), **axis)
+        gd = (
+            g
+            if reduction == "add"
+            else e.op(
+                node.op_type,
+                g,
+                index,
+                e.zeros(shape_of(updates), g.dtype),
+                shape=shape_of(g),
+                **axis,
+            )
+        )
     if needs[2]:
         gather = "GatherElements" if node.op_type == "ScatterElements" else "GatherND"
         gu = e.op(gather, g, index, shape=shape_of(updates), **axis)
@@ -741,24 +806,38 @@ def _scatter(e, node, grads, needs):
 def _topk(e, node, grads, needs):
     x, g = _x(node), grads[0]
     shape = shape_of(x)
-    out = e.op("ScatterElements", e.zeros(shape, g.dtype), node.outputs[1], g, shape=shape,
-               axis=node.attributes.get_int("axis", -1), reduction="add")
+    out = e.op(
+        "ScatterElements",
+        e.zeros(shape, g.dtype),
+        node.outputs[1],
+        g,
+        shape=shape,
+        axis=node.attributes.get_int("axis", -1),
+        reduction="add",
+    )
     return [out, None]
 
 
 @rule("CumSum")
 def _cumsum(e, node, grads, needs):
     reverse = 1 - node.attributes.get_int("reverse", 0)
-    out = e.op("CumSum", grads[0], _x(node, 1), shape=shape_of(_x(node)), reverse=reverse,
-               exclusive=node.attributes.get_int("exclusive", 0))
+    out = e.op(
+        "CumSum",
+        grads[0],
+        _x(node, 1),
+        shape=shape_of(_x(node)),
+        reverse=reverse,
+        exclusive=node.attributes.get_int("exclusive", 0),
+    )
     return [out, None]
 
 
 @rule("Trilu")
 def _trilu(e, node, grads, needs):
     k = [node.inputs[1]] if len(node.inputs) > 1 and node.inputs[1] is not None else []
-    out = e.op("Trilu", grads[0], *k, shape=shape_of(_x(node)),
-               upper=node.attributes.get_int("upper", 1))
+    out = e.op(
+        "Trilu", grads[0], *k, shape=shape_of(_x(node)), upper=node.attributes.get_int("upper", 1)
+    )
     return [out, None]
 
 
@@ -791,16 +870,19 @@ def _depth_space(e, node, grads, needs):
 # -- convolution and pooling ----------------------------------------------------------------
 
 
-def _window(node: ir.Node, in_sp: tuple[int, ...], out_sp: tuple[int, ...],
-            kernel: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+def _window(
+    node: ir.Node, in_sp: tuple[int, ...], out_sp: tuple[int, ...], kernel: list[int]
+) -> tuple[list[int], list[int], list[int], list[int]]:
     """Strides, dilations, begin pads, end pads with auto_pad resolved against static shapes."""
     nsp = len(in_sp)
     strides = _ints(node, "strides") or [1] * nsp
     dilations = _ints(node, "dilations") or [1] * nsp
     auto = node.attributes.get_string("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max(0, (o - 1) * s + (k - 1) * d + 1 - i)
-                 for i, o, k, s, d in zip(in_sp, out_sp, kernel, strides, dilations, strict=True)]
+        total = [
+            max(0, (o - 1) * s + (k - 1) * d + 1 - i)
+            for i, o, k, s, d in zip(in_sp, out_sp, kernel, strides, dilations, strict=True)
+        ]
         small = [t // 2 for t in total]
         if auto == "SAME_LOWER":
             small = [t - s for t, s in zip(total, small, strict=True)]
@@ -812,21 +894,40 @@ def _window(node: ir.Node, in_sp: tuple[int, ...], out_sp: tuple[int, ...],
     return strides, dilations, pads[:nsp], pads[nsp:]
 
 
-def _transposed_conv(e: Emitter, g: ir.Value, w: ir.Value, x_shape: tuple[int, ...],
-                     kernel: list[int], geometry, group: int) -> ir.Value:
+def _transposed_conv(
+    e: Emitter,
+    g: ir.Value,
+    w: ir.Value,
+    x_shape: tuple[int, ...],
+    kernel: list[int],
+    geometry,
+    group: int,
+) -> ir.Value:
     """The input gradient of a convolution: ConvTranspose back onto the input's shape."""
     strides, dilations, begin, end = geometry
     g_sp = shape_of(g)[2:]
-    natural = [s * (o - 1) + (k - 1) * d + 1 - b - p for o, k, s, d, b, p
-               in zip(g_sp, kernel, strides, dilations, begin, end, strict=True)]
+    natural = [
+        s * (o - 1) + (k - 1) * d + 1 - b - p
+        for o, k, s, d, b, p in zip(g_sp, kernel, strides, dilations, begin, end, strict=True)
+    ]
     extra = [i - n for i, n in zip(x_shape[2:], natural, strict=True)]
-    return e.op("ConvTranspose", g, w, shape=x_shape, strides=strides, dilations=dilations,
-                pads=[*begin, *end], group=group, output_padding=extra,
-                kernel_shape=kernel)
+    return e.op(
+        "ConvTranspose",
+        g,
+        w,
+        shape=x_shape,
+        strides=strides,
+        dilations=dilations,
+        pads=[*begin, *end],
+        group=group,
+        output_padding=extra,
+        kernel_shape=kernel,
+    )
 
 
-def _conv_weight_grad(e: Emitter, x: ir.Value, g: ir.Value, kernel: list[int], geometry,
-                      group: int) -> ir.Value:
+def _conv_weight_grad(
+    e: Emitter, x: ir.Value, g: ir.Value, kernel: list[int], geometry, group: int
+) -> ir.Value:
     """dW of y = conv(x, W): a convolution of x with g where the batch plays the channel role
     (strides and dilations swap), grouped the same way, cropped to the kernel."""
     strides, dilations, begin, end = geometry
@@ -834,17 +935,38 @@ def _conv_weight_grad(e: Emitter, x: ir.Value, g: ir.Value, kernel: list[int], g
     nsp = len(kernel)
     n, cig, cog = xs[0], xs[1] // group, gs[1] // group
     sp = list(range(3, 3 + nsp))
-    xt = e.reshape(e.transpose(e.reshape(x, (n, group, cig, *xs[2:])), [2, 1, 0, *sp]),
-                   (cig, group * n, *xs[2:]))
-    gt = e.reshape(e.transpose(e.reshape(g, (n, group, cog, *gs[2:])), [1, 2, 0, *sp]),
-                   (group * cog, n, *gs[2:]))
-    full = [(i + b + p - ((o - 1) * s + 1)) // d + 1 for i, o, s, d, b, p
-            in zip(xs[2:], gs[2:], strides, dilations, begin, end, strict=True)]
-    corr = e.op("Conv", xt, gt, shape=(cig, group * cog, *full), strides=dilations,
-                dilations=strides, pads=[*begin, *end], group=group, kernel_shape=list(gs[2:]))
+    xt = e.reshape(
+        e.transpose(e.reshape(x, (n, group, cig, *xs[2:])), [2, 1, 0, *sp]),
+        (cig, group * n, *xs[2:]),
+    )
+    gt = e.reshape(
+        e.transpose(e.reshape(g, (n, group, cog, *gs[2:])), [1, 2, 0, *sp]),
+        (group * cog, n, *gs[2:]),
+    )
+    full = [
+        (i + b + p - ((o - 1) * s + 1)) // d + 1
+        for i, o, s, d, b, p in zip(xs[2:], gs[2:], strides, dilations, begin, end, strict=True)
+    ]
+    corr = e.op(
+        "Conv",
+        xt,
+        gt,
+        shape=(cig, group * cog, *full),
+        strides=dilations,
+        dilations=strides,
+        pads=[*begin, *end],
+        group=group,
+        kernel_shape=list(gs[2:]),
+    )
     if full != kernel:
-        corr = e.op("Slice", corr, e.ints([0] * nsp), e.ints(kernel), e.ints(range(2, 2 + nsp)),
-                    shape=(cig, group * cog, *kernel))
+        corr = e.op(
+            "Slice",
+            corr,
+            e.ints([0] * nsp),
+            e.ints(kernel),
+            e.ints(range(2, 2 + nsp)),
+            shape=(cig, group * cog, *kernel),
+        )
     return e.transpose(corr, [1, 0, *range(2, 2 + nsp)])
 
 
@@ -875,8 +997,17 @@ def _conv_transpose(e, node, grads, needs):
     strides, dilations, begin, end = geometry
     gx = gw = None
     if needs[0]:
-        gx = e.op("Conv", g, w, shape=shape_of(x), strides=strides, dilations=dilations,
-                  pads=[*begin, *end], group=group, kernel_shape=kernel)
+        gx = e.op(
+            "Conv",
+            g,
+            w,
+            shape=shape_of(x),
+            strides=strides,
+            dilations=dilations,
+            pads=[*begin, *end],
+            group=group,
+            kernel_shape=kernel,
+        )
     if needs[1]:
         gw = _conv_weight_grad(e, g, x, kernel, geometry, group)
     gb = _bias_grad(e, g) if len(needs) > 2 and needs[2] else None
@@ -899,8 +1030,15 @@ def _max_pool(e, node, grads, needs):
     total = numel(x)
     flat_g = e.reshape(g, (numel(g),))
     flat_i = e.reshape(node.outputs[1], (numel(g),))
-    out = e.op("ScatterElements", e.zeros((total,), g.dtype), flat_i, flat_g, shape=(total,),
-               axis=0, reduction="add")
+    out = e.op(
+        "ScatterElements",
+        e.zeros((total,), g.dtype),
+        flat_i,
+        flat_g,
+        shape=(total,),
+        axis=0,
+        reduction="add",
+    )
     return [e.reshape(out, shape_of(x))]
 
 
@@ -918,8 +1056,7 @@ def _average_pool(e, node, grads, needs):
         divisor = np.full(gs[2:], float(math.prod(kernel)))
     else:  # windows clipped at the border count only the in-bounds elements
         counts = []
-        for i, o, k, s, d, b in zip(xs[2:], gs[2:], kernel, strides, dilations, begin,
-                                    strict=True):
+        for i, o, k, s, d, b in zip(xs[2:], gs[2:], kernel, strides, dilations, begin, strict=True):
             taps = np.arange(o)[:, None] * s - b + np.arange(k)[None, :] * d
             counts.append(((taps >= 0) & (taps < i)).sum(axis=1))
         divisor = np.ones(gs[2:])

@@ -205,12 +205,16 @@ class _Builder:
         self.producer: dict[int, tuple[int, int]] = {}  # id(value) -> (vertex, output)
         self.source_of: dict[str, int] = {}
         inside = {id(n) for n in nodes}
-        self.leaving = {
-            id(o)
-            for n in nodes
-            for o in n.outputs
-            if any(id(u.node) not in inside for u in o.uses())
-        } if options.boundary else set()
+        self.leaving = (
+            {
+                id(o)
+                for n in nodes
+                for o in n.outputs
+                if any(id(u.node) not in inside for u in o.uses())
+            }
+            if options.boundary
+            else set()
+        )
         for node in nodes:
             for v in node.inputs:
                 if v is not None and (v.producer() is None or id(v.producer()) not in inside):
@@ -370,11 +374,17 @@ class _Builder:
         return specs
 
     def _filter_node(self, node: ir.Node, grads: list[bool], found: list[Strategy]):
-        leaving = [j for j, o in enumerate(node.outputs)
-                   if id(o) in self.leaving and role_of(o) is Role.ACTIVATION]
+        leaving = [
+            j
+            for j, o in enumerate(node.outputs)
+            if id(o) in self.leaving and role_of(o) is Role.ACTIVATION
+        ]
         if leaving:
-            found = self._keep(node.name or node.op_type, found, [
-                s for s in found if all(_batch_only(s.outputs[j]) for j in leaving)])
+            found = self._keep(
+                node.name or node.op_type,
+                found,
+                [s for s in found if all(_batch_only(s.outputs[j]) for j in leaving)],
+            )
         if self.method not in ("zero2", "zero3") or not any(grads):
             return found
         outs = [j for j, g in enumerate(grads) if g]

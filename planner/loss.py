@@ -39,13 +39,16 @@ def _prediction(graph: ir.Graph, loss: str) -> ir.Value:
     )
 
 
-def _labels_input(graph: ir.Graph, name: str, shape: tuple[int, ...],
-                  dtype: ir.DataType) -> ir.Value:
+def _labels_input(
+    graph: ir.Graph, name: str, shape: tuple[int, ...], dtype: ir.DataType
+) -> ir.Value:
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
     taken |= {o.name for n in graph for o in n.outputs}
     if name in taken:
-        raise UserError(f"--labels {name!r} names an existing tensor of the model: pick a new name "
-                        "for the labels input")
+        raise UserError(
+            f"--labels {name!r} names an existing tensor of the model: pick a new name "
+            "for the labels input"
+        )
     value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype))
     set_role(value, Role.INPUT)
     graph.inputs.append(value)
@@ -58,8 +61,9 @@ def add_loss(graph: ir.Graph, e: Emitter, loss: str, labels: str | None) -> ir.V
         raise UserError(f"unknown --loss {loss!r}: use one of {', '.join(LOSSES)}")
     e.scope("forward", "loss")
     if loss == "auto":
-        scalars = [v for v in graph.outputs if _is_float(v) and v.shape is not None
-                   and len(v.shape) == 0]
+        scalars = [
+            v for v in graph.outputs if _is_float(v) and v.shape is not None and len(v.shape) == 0
+        ]
         if not scalars:
             outs = ", ".join(f"{v.name}{list(v.shape or [])}" for v in graph.outputs)
             raise UserError(
@@ -74,11 +78,14 @@ def add_loss(graph: ir.Graph, e: Emitter, loss: str, labels: str | None) -> ir.V
     if loss == "mse":
         target = _labels_input(graph, name, shape, pred.dtype)
         diff = e.op("Sub", pred, target)
-        return _named(e, e.reduce("ReduceMean", e.op("Mul", diff, diff), range(len(shape)),
-                                  keepdims=False))
+        return _named(
+            e, e.reduce("ReduceMean", e.op("Mul", diff, diff), range(len(shape)), keepdims=False)
+        )
     if len(shape) < 2:
-        raise UserError(f"--loss cross_entropy needs logits with a class dim; {pred.name!r} has "
-                        f"shape {list(shape)}")
+        raise UserError(
+            f"--loss cross_entropy needs logits with a class dim; {pred.name!r} has "
+            f"shape {list(shape)}"
+        )
     target = _labels_input(graph, name, shape[:-1], ir.DataType.INT64)
     logp = e.op("LogSoftmax", pred, shape=shape, axis=-1)
     index = e.op("Unsqueeze", target, e.ints([-1]), shape=(*shape[:-1], 1))

@@ -44,11 +44,15 @@ class Update:
 
 def _state(e: Emitter, name: str, like: ir.Value | None, param: str) -> ir.Value:
     if like is None:  # the step counter
-        value = ir.Value(name=e.names.fresh(name), shape=ir.Shape([]),
-                         type=ir.TensorType(ir.DataType.INT64))
+        value = ir.Value(
+            name=e.names.fresh(name), shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64)
+        )
     else:
-        value = ir.Value(name=e.names.fresh(name), shape=ir.Shape(list(shape_of(like))),
-                         type=ir.TensorType(like.dtype))
+        value = ir.Value(
+            name=e.names.fresh(name),
+            shape=ir.Shape(list(shape_of(like))),
+            type=ir.TensorType(like.dtype),
+        )
     set_role(value, Role.OPT_STATE)
     value.metadata_props[STATE_OF_KEY] = param
     return value
@@ -60,8 +64,7 @@ def _mark_update(e: Emitter, new: ir.Value, old: ir.Value, role: Role) -> None:
     new.metadata_props[UPDATES_KEY] = old.name or ""
 
 
-def add_update(e: Emitter, params: list[ir.Value], grads: dict[str, ir.Value],
-               hp: Hyper) -> Update:
+def add_update(e: Emitter, params: list[ir.Value], grads: dict[str, ir.Value], hp: Hyper) -> Update:
     """Append the update nodes for every parameter in ``params`` (all have a gradient)."""
     out = Update([], [], [])
     step = new_step = None
@@ -76,8 +79,7 @@ def add_update(e: Emitter, params: list[ir.Value], grads: dict[str, ir.Value],
                 t = e.cast(new_step, p.dtype)
                 bc1 = e.op("Sub", e.scalar(1.0, p), e.op("Pow", e.scalar(hp.beta1, p), t))
                 bc2 = e.op("Sub", e.scalar(1.0, p), e.op("Pow", e.scalar(hp.beta2, p), t))
-                corrections[p.dtype] = (e.op("Div", e.scalar(hp.lr, p), bc1),
-                                        e.op("Sqrt", bc2))
+                corrections[p.dtype] = (e.op("Div", e.scalar(hp.lr, p), bc1), e.op("Sqrt", bc2))
     for p in params:
         name = p.name or ""
         e.scope("update", f"update/{name}", **{PARAM_KEY: name})
@@ -89,10 +91,16 @@ def add_update(e: Emitter, params: list[ir.Value], grads: dict[str, ir.Value],
             new = e.op("Sub", p, e.op("Mul", g, e.scalar(hp.lr, p)))
         else:
             m, v = _state(e, f"{name}.adam_m", p, name), _state(e, f"{name}.adam_v", p, name)
-            new_m = e.op("Add", e.op("Mul", m, e.scalar(hp.beta1, p)),
-                         e.op("Mul", g, e.scalar(1.0 - hp.beta1, p)))
-            new_v = e.op("Add", e.op("Mul", v, e.scalar(hp.beta2, p)),
-                         e.op("Mul", e.op("Mul", g, g), e.scalar(1.0 - hp.beta2, p)))
+            new_m = e.op(
+                "Add",
+                e.op("Mul", m, e.scalar(hp.beta1, p)),
+                e.op("Mul", g, e.scalar(1.0 - hp.beta1, p)),
+            )
+            new_v = e.op(
+                "Add",
+                e.op("Mul", v, e.scalar(hp.beta2, p)),
+                e.op("Mul", e.op("Mul", g, g), e.scalar(1.0 - hp.beta2, p)),
+            )
             step_size, sqrt_bc2 = corrections[p.dtype]
             denom = e.op("Add", e.op("Div", e.op("Sqrt", new_v), sqrt_bc2), e.scalar(hp.eps, p))
             base = p

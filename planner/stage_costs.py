@@ -79,10 +79,16 @@ class StageCostModel:
         if rep is None:
             nodes = [self.nodes[n] for n in layer.nodes]
             solution = solve_intra_op(
-                nodes, mesh, self.cluster,
-                IntraOpOptions(method=self.method, time_limit=self.time_limit,
-                               step_weight=self.step_weight, boundary=True,
-                               memory_price=self.memory_price),
+                nodes,
+                mesh,
+                self.cluster,
+                IntraOpOptions(
+                    method=self.method,
+                    time_limit=self.time_limit,
+                    step_weight=self.step_weight,
+                    boundary=True,
+                    memory_price=self.memory_price,
+                ),
             )
             self.solves += 1
             if self.progress:
@@ -92,8 +98,7 @@ class StageCostModel:
         if rep.node_map and next(iter(rep.node_map)) == layer.nodes[0]:
             return rep
         rep_names = list(rep.node_map)
-        return LayerSolution(rep.solution, dict(zip(layer.nodes, rep_names, strict=True)),
-                             rep.cost)
+        return LayerSolution(rep.solution, dict(zip(layer.nodes, rep_names, strict=True)), rep.cost)
 
     def strategy(self, node: str, mesh: LogicalMesh) -> Strategy:
         sol = self.layer(self.layer_of[node], mesh)
@@ -140,8 +145,9 @@ class StageCostModel:
                     consumer = consumer or self.strategy(name, mesh)
                     src, dst = self.output_spec(value, mesh), consumer.inputs[slot]
                     if src is not None and dst is not None and src != dst:
-                        out[a, b] += resharding_cost(src, dst, shape_of(value),
-                                                     itemsize(value.dtype), mesh)[0]
+                        out[a, b] += resharding_cost(
+                            src, dst, shape_of(value), itemsize(value.dtype), mesh
+                        )[0]
         return out
 
 

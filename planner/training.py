@@ -67,12 +67,15 @@ def build_training_step(model: ir.Model, options: TrainingOptions) -> ir.Model:
         raise UserError(f"--loss {options.loss} needs --labels NAME (the labels input to add)")
     opset = model.opset_imports.get("", 1)
     if opset < MIN_OPSET:
-        raise UserError(f"training needs ONNX opset >= {MIN_OPSET}, the model has {opset}: "
-                        "re-export it with opset_version=17 or later")
+        raise UserError(
+            f"training needs ONNX opset >= {MIN_OPSET}, the model has {opset}: "
+            "re-export it with opset_version=17 or later"
+        )
     train = model.clone()
     graph = train.graph
-    names = Names([*(v.name for v in values_of(graph) if v.name), *(n.name for n in graph
-                                                                    if n.name)])
+    names = Names(
+        [*(v.name for v in values_of(graph) if v.name), *(n.name for n in graph if n.name)]
+    )
     _name_forward_nodes(graph, names)
     _batch_norm_training_mode(graph, names)
     e = Emitter(graph, opset, names)
@@ -84,8 +87,14 @@ def build_training_step(model: ir.Model, options: TrainingOptions) -> ir.Model:
         if p.name not in grads:
             set_role(p, Role.CONST)
     final = _final_gradients(e, trained, grads)
-    hp = Hyper(options.optimizer, options.lr, options.beta1, options.beta2, options.eps,
-               options.weight_decay)
+    hp = Hyper(
+        options.optimizer,
+        options.lr,
+        options.beta1,
+        options.beta2,
+        options.eps,
+        options.weight_decay,
+    )
     update = add_update(e, trained, final, hp)
     for p in trained:
         graph.initializers.pop(p.name or "")
@@ -116,8 +125,14 @@ def _batch_norm_training_mode(graph: ir.Graph, names: Names) -> None:
         if node.op_type != "BatchNormalization" or node.attributes.get_int("training_mode", 0):
             continue
         attrs = {k: a.value for k, a in node.attributes.items()}
-        new = ir.node("BatchNormalization", list(node.inputs), {**attrs, "training_mode": 1},
-                      num_outputs=3, name=node.name, metadata_props=dict(node.metadata_props))
+        new = ir.node(
+            "BatchNormalization",
+            list(node.inputs),
+            {**attrs, "training_mode": 1},
+            num_outputs=3,
+            name=node.name,
+            metadata_props=dict(node.metadata_props),
+        )
         old = node.outputs[0]
         new.outputs[0].shape, new.outputs[0].type = old.shape, old.type
         new.outputs[0].metadata_props.update(old.metadata_props)
@@ -132,8 +147,9 @@ def _batch_norm_training_mode(graph: ir.Graph, names: Names) -> None:
         graph.remove(node, safe=True)
 
 
-def _final_gradients(e: Emitter, params: list[ir.Value],
-                     grads: dict[str, ir.Value]) -> dict[str, ir.Value]:
+def _final_gradients(
+    e: Emitter, params: list[ir.Value], grads: dict[str, ir.Value]
+) -> dict[str, ir.Value]:
     """One distinct, named value per parameter gradient, in the parameter's dtype."""
     final: dict[str, ir.Value] = {}
     claimed: set[int] = set()
@@ -165,8 +181,10 @@ def initial_state(model_in: ir.Model, training: ir.Model) -> dict[str, np.ndarra
             source = model_in.graph.initializers.get(value.name or "")
             array = const_array(source) if source is not None else None
             if array is None:
-                raise UserError(f"parameter {value.name!r} has no weights in the model (a "
-                                "graph-only export?): pass the model file with its weights")
+                raise UserError(
+                    f"parameter {value.name!r} has no weights in the model (a "
+                    "graph-only export?): pass the model file with its weights"
+                )
             feeds[value.name or ""] = array
         elif role is Role.OPT_STATE:
             assert value.dtype is not None
@@ -191,31 +209,66 @@ def add_training_options(fn):
     """--loss/--labels/--optimizer/--lr/--beta1/--beta2/--eps/--weight-decay (click)."""
     defaults = TrainingOptions()
     options = [
-        click.option("--loss", type=click.Choice(LOSSES), default=defaults.loss,
-                     show_default=True,
-                     help="auto = the model's scalar output; else the loss over the logits."),
-        click.option("--labels", default=None, metavar="NAME",
-                     help="Name of the labels input the loss adds ('auto' = labels)."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=defaults.optimizer,
-                     show_default=True),
+        click.option(
+            "--loss",
+            type=click.Choice(LOSSES),
+            default=defaults.loss,
+            show_default=True,
+            help="auto = the model's scalar output; else the loss over the logits.",
+        ),
+        click.option(
+            "--labels",
+            default=None,
+            metavar="NAME",
+            help="Name of the labels input the loss adds ('auto' = labels).",
+        ),
+        click.option(
+            "--optimizer",
+            type=click.Choice(OPTIMIZERS),
+            default=defaults.optimizer,
+            show_default=True,
+        ),
         click.option("--lr", type=float, default=defaults.lr, show_default=True),
         click.option("--beta1", type=float, default=defaults.beta1, show_default=True),
         click.option("--beta2", type=float, default=defaults.beta2, show_default=True),
         click.option("--eps", type=float, default=defaults.eps, show_default=True),
-        click.option("--weight-decay", "weight_decay", type=float,
-                     default=defaults.weight_decay, show_default=True),
+        click.option(
+            "--weight-decay",
+            "weight_decay",
+            type=float,
+            default=defaults.weight_decay,
+            show_default=True,
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def training_options_from_cli(loss: str, labels: str | None, optimizer: str, lr: float,
-                              beta1: float, beta2: float, eps: float, weight_decay: float,
-                              emit_gradients: bool = False) -> TrainingOptions:
+def training_options_from_cli(
+    loss: str,
+    labels: str | None,
+    optimizer: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    emit_gradients: bool = False,
+) -> TrainingOptions:
     if lr <= 0 or eps <= 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise UserError("bad optimizer settings: need --lr > 0, --eps > 0, --weight-decay >= 0 "
-                        "and 0 <= --beta1, --beta2 < 1")
-    return TrainingOptions(loss=loss, labels=labels, optimizer=optimizer, lr=lr, beta1=beta1,
-                           beta2=beta2, eps=eps, weight_decay=weight_decay,
-                           emit_gradients=emit_gradients)
+        raise UserError(
+            "bad optimizer settings: need --lr > 0, --eps > 0, --weight-decay >= 0 "
+            "and 0 <= --beta1, --beta2 < 1"
+        )
+    return TrainingOptions(
+        loss=loss,
+        labels=labels,
+        optimizer=optimizer,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        emit_gradients=emit_gradients,
+    )

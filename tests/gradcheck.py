@@ -26,16 +26,20 @@ def to_float64(model: ir.Model) -> ir.Model:
         if value.dtype == F32:
             value.type = ir.TensorType(F64)
             if value.const_value is not None:
-                value.const_value = ir.tensor(value.const_value.numpy().astype(np.float64),
-                                              name=value.name)
+                value.const_value = ir.tensor(
+                    value.const_value.numpy().astype(np.float64), name=value.name
+                )
     for node in model.graph:
         to = node.attributes.get("to")
         if node.op_type == "Cast" and to is not None and to.as_int() == F32:
             node.attributes["to"] = ir.AttrInt64("to", F64)
         for key in ("value",):
             attr = node.attributes.get(key)
-            if attr is not None and attr.type == ir.AttributeType.TENSOR and \
-                    attr.as_tensor().dtype == F32:
+            if (
+                attr is not None
+                and attr.type == ir.AttributeType.TENSOR
+                and attr.as_tensor().dtype == F32
+            ):
                 array = attr.as_tensor().numpy().astype(np.float64)
                 node.attributes[key] = ir.AttrTensor(key, ir.tensor(array))
     return model
@@ -78,8 +82,9 @@ class Runner:
         self.outputs = [v.name for v in model.graph.outputs]
         proto = ir.serde.serialize_model(model)
         try:
-            session = ort.InferenceSession(proto.SerializeToString(),
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                proto.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
             self._run = lambda feeds: session.run(None, feeds)
         except Exception:  # NOT_IMPLEMENTED: no float64 kernel
             evaluator = ReferenceEvaluator(proto, new_ops=[GatherElements, Erf, Gelu])
@@ -99,15 +104,23 @@ def loss_only(training: ir.Model) -> ir.Model:
     return model
 
 
-def finite_difference_errors(training: ir.Model, feeds: dict[str, np.ndarray],
-                             per_param: int, rng: np.random.Generator,
-                             eps: float = 1e-6, floor: float = 1e-5) -> dict[str, float]:
+def finite_difference_errors(
+    training: ir.Model,
+    feeds: dict[str, np.ndarray],
+    per_param: int,
+    rng: np.random.Generator,
+    eps: float = 1e-6,
+    floor: float = 1e-5,
+) -> dict[str, float]:
     """Max relative error per parameter between the step's gradients (``emit_gradients``)
     and central differences, over ``per_param`` sampled entries with non-negligible gradient;
     ``floor`` keeps gradients that are zero up to rounding (e.g. attention key biases) from
     counting as relative errors."""
-    grads = {v.metadata_props["alpa.grad_of"]: v.name for v in training.graph.outputs
-             if role_of(v) is Role.GRAD}
+    grads = {
+        v.metadata_props["alpa.grad_of"]: v.name
+        for v in training.graph.outputs
+        if role_of(v) is Role.GRAD
+    }
     analytic = Runner(training)(feeds)
     loss = Runner(loss_only(training))
     loss_name = training.graph.outputs[0].name

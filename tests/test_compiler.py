@@ -34,16 +34,32 @@ DIMS = ["--dim", "batch=8", "--dim", "seq=16"]
 
 
 def alpa(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_plans_are_byte_identical_across_hash_seeds(tmp_path):
     outs = []
     for seed in ("0", "1", "12345"):
         out = tmp_path / f"plan{seed}.json"
-        proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:2x2", "--microbatches", "4",
-                    *TRAIN, "-o", str(out), env={"PYTHONHASHSEED": seed})
+        proc = alpa(
+            "compile",
+            GPT2,
+            *DIMS,
+            "--cluster",
+            "cpu:2x2",
+            "--microbatches",
+            "4",
+            *TRAIN,
+            "-o",
+            str(out),
+            env={"PYTHONHASHSEED": seed},
+        )
         assert proc.returncode == 0, proc.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
@@ -52,8 +68,9 @@ def test_plans_are_byte_identical_across_hash_seeds(tmp_path):
 @pytest.mark.parametrize("method", ["data", "zero2", "zero3", "shard", "auto"])
 def test_methods_cover_every_node_and_device(method, tmp_path):
     out = tmp_path / "p.json"
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", method, *TRAIN,
-                "-o", str(out))
+    proc = alpa(
+        "compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", method, *TRAIN, "-o", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     plan = load_plan(out)
     devices = sorted(d for s in plan.stages for d in s.submesh.devices)
@@ -68,8 +85,12 @@ def test_methods_cover_every_node_and_device(method, tmp_path):
 
 def test_data_parallel_keeps_parameters_replicated(tmp_path):
     out = tmp_path / "p.json"
-    assert alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", "data", *TRAIN,
-                "-o", str(out)).returncode == 0
+    assert (
+        alpa(
+            "compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", "data", *TRAIN, "-o", str(out)
+        ).returncode
+        == 0
+    )
     specs = load_plan(out).stages[0].params
     weights = [k for k in specs if k.endswith(".weight")]
     assert weights and all(set(specs[k].split(",")) == {"R"} for k in weights)
@@ -89,26 +110,71 @@ def test_too_large_model_is_refused_with_the_numbers(tmp_path):
     tiny = tmp_path / "tiny.yaml"
     text = (ROOT / "cost_models" / "clusters" / "cpu.yaml").read_text()
     tiny.write_text(text.replace("memory_bytes: 4294967296", "memory_bytes: 100000"))
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", str(tiny), *TRAIN, "-o",
-                str(tmp_path / "p.json"))
+    proc = alpa(
+        "compile", GPT2, *DIMS, "--cluster", str(tiny), *TRAIN, "-o", str(tmp_path / "p.json")
+    )
     assert proc.returncode == 2
     assert "does not fit: needs" in proc.stderr and "GiB per device, has 0.0 GiB" in proc.stderr
     assert not (tmp_path / "p.json").exists()
 
 
 def test_megatron_configuration_errors():
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", "megatron", "--dp",
-                "3", "--tp", "1", "--pp", "1", *TRAIN, "-o", "/dev/null")
+    proc = alpa(
+        "compile",
+        GPT2,
+        *DIMS,
+        "--cluster",
+        "cpu:4",
+        "--method",
+        "megatron",
+        "--dp",
+        "3",
+        "--tp",
+        "1",
+        "--pp",
+        "1",
+        *TRAIN,
+        "-o",
+        "/dev/null",
+    )
     assert proc.returncode == 2 and "--dp 3 x --tp 1 x --pp 1 = 3" in proc.stderr
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--method", "megatron", *TRAIN,
-                "-o", "/dev/null")
+    proc = alpa(
+        "compile",
+        GPT2,
+        *DIMS,
+        "--cluster",
+        "cpu:4",
+        "--method",
+        "megatron",
+        *TRAIN,
+        "-o",
+        "/dev/null",
+    )
     assert proc.returncode == 2 and "needs --dp A --tp B --pp C" in proc.stderr
 
 
 def test_pipeline_plan_has_transfers_and_bubble(tmp_path):
     out = tmp_path / "p.json"
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:2x2", "--method", "megatron", "--dp",
-                "1", "--tp", "2", "--pp", "2", "--microbatches", "4", *TRAIN, "-o", str(out))
+    proc = alpa(
+        "compile",
+        GPT2,
+        *DIMS,
+        "--cluster",
+        "cpu:2x2",
+        "--method",
+        "megatron",
+        "--dp",
+        "1",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--microbatches",
+        "4",
+        *TRAIN,
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     plan = load_plan(out)
     assert len(plan.stages) == 2 and plan.options.microbatches == 4
@@ -118,16 +184,31 @@ def test_pipeline_plan_has_transfers_and_bubble(tmp_path):
 
 def test_emit_onnx_passes_checker(tmp_path):
     out, annotated = tmp_path / "p.json", tmp_path / "a.onnx"
-    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--mode", "infer", "-o", str(out),
-                "--emit-onnx", str(annotated))
+    proc = alpa(
+        "compile",
+        GPT2,
+        *DIMS,
+        "--cluster",
+        "cpu:4",
+        "--mode",
+        "infer",
+        "-o",
+        str(out),
+        "--emit-onnx",
+        str(annotated),
+    )
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(onnx.load(annotated), full_check=True)
 
 
 def test_inference_plan_has_no_update_nodes(tmp_path):
     out = tmp_path / "p.json"
-    assert alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", "--mode", "infer", "-o",
-                str(out)).returncode == 0
+    assert (
+        alpa(
+            "compile", GPT2, *DIMS, "--cluster", "cpu:4", "--mode", "infer", "-o", str(out)
+        ).returncode
+        == 0
+    )
     plan = json.loads(out.read_text())
     assert plan["options"]["mode"] == "infer" and plan["options"]["training"] is None
     assert not any("Adam" in n or "update" in n for s in plan["stages"] for n in s["nodes"])
@@ -143,13 +224,15 @@ def test_submeshes_tile_the_cluster():
     assert flat == list(range(32))
     assert all(len(p) == a * b for p, (a, b) in zip(placed, shapes, strict=True))
     assert (4, 8, 1) in megatron_grid(cluster, 48) and all(
-        dp * tp * pp == 32 and tp <= 8 for dp, tp, pp in megatron_grid(cluster, 48))
+        dp * tp * pp == 32 and tp <= 8 for dp, tp, pp in megatron_grid(cluster, 48)
+    )
 
 
 def test_static_batch_graph_is_one_microbatch():
     cluster = resolve_cluster("p3.16xlarge")
-    opts = CompileOptions(global_batch=16, training=TrainingOptions(loss="cross_entropy",
-                                                                     labels="labels"))
+    opts = CompileOptions(
+        global_batch=16, training=TrainingOptions(loss="cross_entropy", labels="labels")
+    )
     session = Session(str(FIXTURES / "gpt2-tiny.graph.onnx"), ImportOptions(), cluster, opts)
     assert session.counts == [16]
 
@@ -159,8 +242,11 @@ def test_megatron_pattern_emerges_on_gpt3_2_6b_layers():
     compile does: column-split QKV / MLP-in, row-split attention-out / MLP-out with one
     all-reduce each in the forward (Megatron-LM), found by the ILP."""
     cluster = resolve_cluster("p3.16xlarge")
-    opts = CompileOptions(method="shard", global_batch=1,
-                          training=TrainingOptions(loss="cross_entropy", labels="labels"))
+    opts = CompileOptions(
+        method="shard",
+        global_batch=1,
+        training=TrainingOptions(loss="cross_entropy", labels="labels"),
+    )
     session = Session(str(FIXTURES / "gpt3-2.6b.graph.onnx"), ImportOptions(), cluster, opts)
     prep = session.prepared(1)
     costs = session.costs(prep, "shard")

@@ -19,10 +19,15 @@ def test_golden_plan_unchanged(name, tmp_path):
     compile_golden(name, fresh)
     golden = ROOT / "plans" / f"{name}.json"
     if fresh.read_bytes() != golden.read_bytes():
-        diff = subprocess.run([sys.executable, "-m", "cli", "diff", str(golden), str(fresh)],
-                              capture_output=True, text=True, cwd=ROOT)
-        pytest.fail(f"plan {name} drifted (run `make plans` if intended):\n{diff.stdout}"
-                    f"{diff.stderr}")
+        diff = subprocess.run(
+            [sys.executable, "-m", "cli", "diff", str(golden), str(fresh)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        pytest.fail(
+            f"plan {name} drifted (run `make plans` if intended):\n{diff.stdout}{diff.stderr}"
+        )
 
 
 def test_golden_plans_are_canonical():
