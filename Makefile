@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## fixtures: re-export the ONNX fixtures (needs torch + transformers; see tests/fixtures/README.md).
+## fixtures: re-export the ONNX fixtures (needs torch + transformers; see tests/fixtures/export_models.py).
 fixtures:
 	$(PYTHON) tests/fixtures/export_models.py --out tests/fixtures
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from planner.errors import UserError
-from planner.plan_report import write_bytes_atomic
+from planner.plan_io import write_atomic
 from planner.plan_schema import LogicalMeshPlan, NodePlan, Plan
 from planner.sharding import ShardingSpec as Spec
 
@@ -177,4 +177,4 @@ def _write(model: ir.Model, out: Path, base_dir: str | None) -> None:
                 name=tensor.name,
                 base_dir=str(out.parent),
             )
-    write_bytes_atomic(out, ir.to_proto(model).SerializeToString())
+    write_atomic(out, ir.to_proto(model).SerializeToString())

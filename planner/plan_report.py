@@ -15,8 +15,6 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,23 +129,9 @@ def write_report(plan: Plan, out: str | Path) -> None:
     if suffix in (".html", ".htm"):
         write_atomic(out, render_html(plan))
     elif suffix == ".png":
-        write_bytes_atomic(out, render_png(plan))
+        write_atomic(out, render_png(plan))
     else:
         raise UserError(f"cannot write a report as {out.name!r}: use -o report.html or .png")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Binary twin of ``plan_io.write_atomic``: temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- HTML
