@@ -626,6 +626,7 @@ def build_plan(
             stage_of_layer[layer] = s
     stage_of_node = {name: stage_of_layer[costs.layer_of[name]] for name in costs.layer_of}
     cut = crossing_bytes(graph, cand.layers)
+    peaks = stage_peaks(costs, cand.stages, cut, cand.microbatches)
     _, times = _pipeline_latency(costs, cand.stages, cut, cand.microbatches)
     stages: list[StagePlan] = []
     ilps: list[IlpStats] = []
@@ -685,18 +686,7 @@ def build_plan(
         rc = range_costs(costs, pick.mesh, cut)
         i, j = pick.start, pick.stop - 1
         inflight = min(len(cand.stages) - s, cand.microbatches)
-        memory = StageMemory(
-            params=float(rc.static_memory[i, j]),
-            grads=0.0,
-            optimizer_state=0.0,
-            activations=float(inflight * rc.stash_memory[i, j]),
-            peak=float(
-                rc.static_memory[i, j]
-                + inflight * rc.stash_memory[i, j]
-                + rc.transient_memory[i, j]
-            ),
-        )
-        memory = _with_state_breakdown(costs, pick, memory)
+        memory = _stage_memory(costs, pick, inflight * rc.stash_memory[i, j], peaks[s])
         stages.append(
             StagePlan(
                 index=s,
@@ -750,21 +740,21 @@ def build_plan(
     )
 
 
-def _with_state_breakdown(
-    costs: StageCostModel, pick: StagePick, memory: StageMemory
+def _stage_memory(
+    costs: StageCostModel, pick: StagePick, activations: float, peak: float
 ) -> StageMemory:
-    """Split the stage's static bytes into parameters, gradients and optimizer state."""
+    """The stage's stored state split into parameters, gradients and optimizer state."""
     totals = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}
     for layer in range(pick.start, pick.stop):
         mem = costs.layer(layer, pick.mesh).solution.memory
         for key in totals:
             totals[key] += mem[key]
-    return memory.model_copy(
-        update={
-            "params": totals["params"],
-            "grads": totals["grads"],
-            "optimizer_state": totals["opt_state"],
-        }
+    return StageMemory(
+        params=totals["params"],
+        grads=totals["grads"],
+        optimizer_state=totals["opt_state"],
+        activations=float(activations),
+        peak=peak,
     )
 
 
