@@ -20,9 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from planner.errors import UserError
-from planner.graph import Role, set_role, shape_of
+from planner.graph import PHASE_KEY, Role, set_role, shape_of
 
-PHASE_KEY = "alpa.phase"
 FORWARD_NODE_KEY = "alpa.forward_node"
 PARAM_KEY = "alpa.param"
 

@@ -28,7 +28,7 @@ from cost_models.compute import op_time, peak_flops
 from planner import __version__
 from planner.errors import UserError
 from planner.flops import node_bytes, node_flops
-from planner.graph import Role, nbytes, role_of, shape_of, values_of
+from planner.graph import UPDATES_KEY, Role, nbytes, role_of, shape_of, values_of
 from planner.importer import ImportOptions, import_model, load_model, structure_hash
 from planner.layers import Layer, assign_layers, phase_of
 from planner.mesh import LogicalMesh, make_mesh
@@ -542,7 +542,7 @@ def memory_price(graph: ir.Graph, cluster: Cluster) -> float:
         nbytes(v)
         for v in values_of(graph)
         if role_of(v) in (Role.PARAM, Role.GRAD, Role.OPT_STATE)
-        and "alpa.updates" not in v.metadata_props
+        and UPDATES_KEY not in v.metadata_props
     )
     pressure = state / (cluster.num_devices * cluster.device.memory_bytes)
     return pressure / cluster.device.memory_bytes

@@ -19,6 +19,10 @@ from collections.abc import Iterable, Iterator
 import onnx_ir as ir
 
 ROLE_KEY = "alpa.role"
+# Node metadata: forward | backward | update (planner.training writes it, every pass reads it).
+PHASE_KEY = "alpa.phase"
+# Value metadata: the graph input an output replaces in place (updated parameter / state).
+UPDATES_KEY = "alpa.updates"
 
 
 class Role(str, enum.Enum):

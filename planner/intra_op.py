@@ -46,7 +46,7 @@ import onnx_ir as ir
 
 from cost_models.cluster import Cluster
 from planner.flops import is_heavy
-from planner.graph import Role, itemsize, role_of, shape_of
+from planner.graph import PHASE_KEY, UPDATES_KEY, Role, itemsize, role_of, shape_of
 from planner.ilp import Column, Ilp, IlpStats
 from planner.mesh import LogicalMesh
 from planner.sharding import ReshardStep, ShardingSpec, resharding_cost
@@ -54,8 +54,6 @@ from planner.strategies import Strategy, StrategyContext, is_follower, strategie
 from planner.strategies.base import all_specs
 
 METHODS = ("shard", "data", "zero2", "zero3", "megatron")
-PHASE_KEY = "alpa.phase"
-UPDATES_KEY = "alpa.updates"
 
 
 @dataclass(frozen=True)

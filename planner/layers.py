@@ -20,9 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from planner.flops import is_heavy, node_flops
-from planner.graph import Role, nbytes, role_of, shape_of
+from planner.graph import PHASE_KEY, Role, nbytes, role_of, shape_of
 
-PHASE_KEY = "alpa.phase"
 MAX_AUTO_LAYERS = 64
 MIN_HEAVY_PER_LAYER = 3  # Alpa's LAYER_HEAVY_OP_LOWER_BOUND
 

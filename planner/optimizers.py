@@ -14,11 +14,10 @@ import numpy as np
 import onnx_ir as ir
 
 from planner.autodiff import PARAM_KEY, Emitter
-from planner.graph import Role, set_role, shape_of
+from planner.graph import UPDATES_KEY, Role, set_role, shape_of
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 STATE_OF_KEY = "alpa.state_of"
-UPDATES_KEY = "alpa.updates"
 STEP_NAME = "optimizer.step"
 
 

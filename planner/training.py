@@ -35,10 +35,19 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from planner.autodiff import FORWARD_NODE_KEY, PHASE_KEY, Emitter, Names, differentiate
+from planner.autodiff import FORWARD_NODE_KEY, Emitter, Names, differentiate
 from planner.errors import UserError
 from planner.grad_rules import GRAD_RULES, NON_DIFFERENTIABLE
-from planner.graph import Role, const_array, parameters, role_of, set_role, shape_of, values_of
+from planner.graph import (
+    PHASE_KEY,
+    Role,
+    const_array,
+    parameters,
+    role_of,
+    set_role,
+    shape_of,
+    values_of,
+)
 from planner.loss import LOSSES, add_loss
 from planner.optimizers import OPTIMIZERS, Hyper, add_update
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from planner.errors import UserError
-from planner.graph import Role, const_array, role_of, shape_of
+from planner.graph import PHASE_KEY, UPDATES_KEY, Role, const_array, role_of, shape_of
 from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
 from runtime import reshard
@@ -33,8 +33,6 @@ from runtime.mesh import RankMesh, check_fits, shard
 from runtime.transfer import Piece, pieces
 
 PHASES = ("forward", "backward", "update")
-PHASE_KEY = "alpa.phase"
-UPDATES_KEY = "alpa.updates"
 # (op, input index) whose constant holds the node's output shape (or split sizes).
 SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Split", 1)}
 LINEAR = {"sum", "mean", None}

@@ -17,10 +17,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from planner.graph import Role, role_of
+from planner.graph import PHASE_KEY, UPDATES_KEY, Role, role_of
 from runtime.comm import Communicator
 from runtime.data import microbatch
-from runtime.partition import PHASE_KEY, UPDATES_KEY
 from runtime.step import PreparedStep
 
 TOLERANCE = 1e-5
