@@ -28,6 +28,10 @@ _CHECK = 256  # polls between deadline checks
 _SPIN = 64  # polls before each further one yields the core
 
 
+# Seconds between reporting a failure and aborting the job (see MpiCommunicator.fail).
+ABORT_GRACE_SECONDS = 0.5
+
+
 class Communicator(ABC):
     """Collectives over groups of global device ids, point-to-point sends, timing."""
 
@@ -167,6 +171,9 @@ class MpiCommunicator(Communicator):
     def fail(self, message: str) -> None:
         sys.stderr.write(f"alpa-plan: rank {self.rank}: {message}; aborting the job\n")
         sys.stderr.flush()
+        # The launcher forwards rank output asynchronously and Abort kills every rank at once:
+        # give it a moment so the message naming the culprit reaches the user.
+        time.sleep(ABORT_GRACE_SECONDS)
         self.world.Abort(1)
 
     def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray:
