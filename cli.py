@@ -370,6 +370,16 @@ def train_graph_cmd(
     )
 
 
+def _mesh_shape(value: str | None) -> tuple[int, ...] | None:
+    """'4x2' -> (4, 2); size-1 axes dropped, so '1x8' and '8' are the same 1-D view."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise UserError(f"--logical-mesh takes a shape like 8, 1x8 or 4x2, not {value!r}")
+    return tuple(int(p) for p in parts if int(p) > 1) or (1,)
+
+
 def _auto_int(value: str, flag: str) -> int | None:
     if value == "auto":
         return None
@@ -441,6 +451,7 @@ def _compile_options(
     tp,
     pp,
     training,
+    logical_mesh=None,
 ):
     from planner.compiler import CompileOptions
     from planner.training import training_options_from_cli
@@ -461,6 +472,7 @@ def _compile_options(
         layers=_auto_int(layers, "--layers"),
         megatron=megatron,
         time_limit=time_limit,
+        logical_mesh=_mesh_shape(logical_mesh),
     )
 
 
@@ -496,6 +508,12 @@ def _progress():
 @click.option("--dp", type=int, default=None, help="megatron: data-parallel degree.")
 @click.option("--tp", type=int, default=None, help="megatron: tensor-parallel degree.")
 @click.option("--pp", type=int, default=None, help="megatron: pipeline stages.")
+@click.option(
+    "--logical-mesh",
+    default=None,
+    metavar="AxB",
+    help="shard: plan on this view of the cluster (8, 1x8, 4x2) instead of the best one.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--emit-onnx",
@@ -526,6 +544,7 @@ def compile_cmd(
     dp,
     tp,
     pp,
+    logical_mesh,
     output,
     emit_onnx,
     timings,
@@ -550,6 +569,7 @@ def compile_cmd(
         tp,
         pp,
         training,
+        logical_mesh,
     )
     with _progress() as bar:
         task = bar.add_task("planning", total=None) if bar else None

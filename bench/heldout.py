@@ -859,18 +859,22 @@ def check_plans(
     return rows
 
 
-def check_megatron(spec: Spec, work: Path, seq: int, time_limit: float) -> dict[str, Any]:
+def check_megatron(
+    spec: Spec, work: Path, seq: int, time_limit: float, mesh: str
+) -> dict[str, Any]:
     """Plan the large config; when it does not fit the devices (batched_mm MoE experts copy
     their weights per token), retry with an 8x shorter sequence and say so."""
-    res = _check_megatron(spec, work, seq, time_limit)
+    res = _check_megatron(spec, work, seq, time_limit, mesh)
     if "does not fit" in res.get("error", "") and seq >= 64:
-        retry = _check_megatron(spec, work, seq // 8, time_limit)
+        retry = _check_megatron(spec, work, seq // 8, time_limit, mesh)
         retry["note"] = f"seq {seq}: {res['error'][:160]}; retried with seq {seq // 8}"
         return retry
     return res
 
 
-def _check_megatron(spec: Spec, work: Path, seq: int, time_limit: float) -> dict[str, Any]:
+def _check_megatron(
+    spec: Spec, work: Path, seq: int, time_limit: float, mesh: str
+) -> dict[str, Any]:
     path = work / f"{spec.name}.large.graph.onnx"
     t0 = time.time()
     try:
@@ -895,6 +899,7 @@ def _check_megatron(spec: Spec, work: Path, seq: int, time_limit: float) -> dict
             "p3.16xlarge",
             "--method",
             "shard",
+            *(["--logical-mesh", mesh] if mesh != "best" else []),
             "--time-limit",
             str(time_limit),
             "-o",
@@ -1044,8 +1049,8 @@ def write_report(
             )
     L += [
         "",
-        "## Issue 4: Megatron pattern on held-out decoder LMs (`--method shard`, "
-        "p3.16xlarge = 1 host x 8 V100)",
+        "## Issue 4: Megatron pattern on held-out decoder LMs (`--method shard "
+        f"--logical-mesh {meta.get('megatron_mesh', 'best')}`, p3.16xlarge = 1 host x 8 V100)",
         "",
         f"Graph-only large configs (FakeTensorMode, dynamo optimize=False, weights never "
         f"written), batch 1 x seq {meta['large_seq']}. A block follows the pattern when every "
@@ -1266,6 +1271,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-plans", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
+    ap.add_argument(
+        "--megatron-mesh",
+        default="1x8",
+        help="logical mesh for the Megatron-pattern check (issue 4 asks for 1x8); 'best' lets "
+        "--method shard choose",
+    )
     # planner-side helpers (run with the planner's python)
     ap.add_argument("--helper", choices=["step-check", "plan-weights"], default=None)
     ap.add_argument("--model")
@@ -1320,7 +1331,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if spec.large is not None and not a.skip_megatron:
                 try:
-                    m = check_megatron(spec, work, a.large_seq, a.large_time_limit)
+                    m = check_megatron(spec, work, a.large_seq, a.large_time_limit, a.megatron_mesh)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     m = {"ok": False, "error": f"bench error {type(e).__name__}: {e}"}
@@ -1341,6 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "large_seq": a.large_seq,
+            "megatron_mesh": a.megatron_mesh,
         }
         write_report(a.out, results, skipped, megatron, meta)
         if a.json:

@@ -73,6 +73,7 @@ class CompileOptions:
     layers: int | None = None  # None = auto
     megatron: tuple[int, int, int] | None = None  # dp, tp, pp
     time_limit: float = 20.0
+    logical_mesh: tuple[int, ...] | None = None  # shard: force this view of the cluster
 
 
 @dataclass(frozen=True)
@@ -296,14 +297,22 @@ def _pick(
 
 
 def _single_stage(
-    costs: StageCostModel, cluster: Cluster, cut: np.ndarray, microbatches: int, method: str
+    costs: StageCostModel,
+    cluster: Cluster,
+    cut: np.ndarray,
+    microbatches: int,
+    method: str,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[list[StagePick], float]:
+    """The whole cluster as one stage: ``shape`` when given, else the best logical mesh
+    (``shard``) or the 1-D view (data, zero2, zero3)."""
     devices = tuple(range(cluster.num_devices))
-    meshes = (
-        mesh_configs(cluster, devices)
-        if method == "shard"
-        else [make_mesh(cluster, devices, (len(devices),))]
-    )
+    if shape is not None:
+        meshes = [make_mesh(cluster, devices, shape)]
+    elif method == "shard":
+        meshes = mesh_configs(cluster, devices)
+    else:
+        meshes = [make_mesh(cluster, devices, (len(devices),))]
     num = len(costs.layers)
     best = None
     for mesh in meshes:
@@ -424,6 +433,7 @@ class Session:
     ) -> None:
         if opts.method not in METHODS:
             raise UserError(f"unknown --method {opts.method!r}: use one of {', '.join(METHODS)}")
+        _check_logical_mesh(opts, cluster)
         self.path, self.cluster, self.opts, self.progress = path, cluster, opts, progress
         self.import_options = import_options
         bound, self.batch_name = _batch_binding(path, import_options)
@@ -484,7 +494,8 @@ class Session:
         elif method == "megatron":
             picks = _megatron_stages(costs, self.cluster, *megatron)
         else:
-            picks, _ = _single_stage(costs, self.cluster, prep.cut, count, method)
+            shape = self.opts.logical_mesh
+            picks, _ = _single_stage(costs, self.cluster, prep.cut, count, method, shape)
         latency, _ = _pipeline_latency(costs, picks, prep.cut, count)
         peak = max(stage_peaks(costs, picks, prep.cut, count))
         if method == "auto":  # uniform (Megatron-shaped) stagings are in auto's space too
@@ -532,6 +543,23 @@ class Session:
         costs = self.costs(prep, "zero3")
         picks, _ = _single_stage(costs, self.cluster, prep.cut, count, "zero3")
         return max(stage_peaks(costs, picks, prep.cut, count))
+
+
+def _check_logical_mesh(opts: CompileOptions, cluster: Cluster) -> None:
+    shape = opts.logical_mesh
+    if shape is None:
+        return
+    if opts.method != "shard":
+        raise UserError(
+            f"--logical-mesh applies to --method shard (one stage on the whole cluster), not "
+            f"--method {opts.method}: drop --logical-mesh or use --method shard"
+        )
+    if math.prod(shape) != cluster.num_devices or len(shape) > 2:
+        raise UserError(
+            f"--logical-mesh {'x'.join(map(str, shape))} does not cover the cluster's "
+            f"{cluster.num_devices} devices: use a 1-D or 2-D shape whose product is "
+            f"{cluster.num_devices}"
+        )
 
 
 def memory_price(graph: ir.Graph, cluster: Cluster) -> float:

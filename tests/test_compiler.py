@@ -262,3 +262,29 @@ def test_megatron_pattern_emerges_on_gpt3_2_6b_layers():
         else:  # row parallel, one all-reduce
             assert str(weight) == "S1,R", (node.name, chosen.name)
             assert [c.kind for c in chosen.collectives] == ["all_reduce"], chosen.name
+
+
+@pytest.mark.parametrize(("flag", "shape"), [("2x2", [2, 2]), ("1x4", [4]), ("4", [4])])
+def test_shard_plans_on_the_logical_mesh_asked_for(flag, shape, tmp_path):
+    out = tmp_path / "p.json"
+    args = ["--cluster", "cpu:4", "--method", "shard", "--logical-mesh", flag, *TRAIN]
+    proc = alpa("compile", GPT2, *DIMS, *args, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert [s.logical_mesh.shape for s in load_plan(out).stages] == [shape]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "shard", "--logical-mesh", "3x2"], "does not cover the cluster's 4"),
+        (["--method", "shard", "--logical-mesh", "2by2"], "takes a shape like 8, 1x8 or 4x2"),
+        (["--method", "auto", "--logical-mesh", "2x2"], "applies to --method shard"),
+    ],
+)
+def test_bad_logical_mesh_is_one_line_exit_2(args, message, tmp_path):
+    out = tmp_path / "p.json"
+    proc = alpa("compile", GPT2, *DIMS, "--cluster", "cpu:4", *args, *TRAIN, "-o", str(out))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
