@@ -91,8 +91,10 @@ class NodePlan(_Model):
     inputs: list[str | None] = Field(description="spec each input must have (None: absent)")
     outputs: list[str]
     collectives: list[Collective] = Field(default_factory=list)
-    local: str | None = Field(
-        default=None, description="special local program, e.g. vocab_parallel"
+    local: Literal["vocab_parallel"] | None = Field(
+        default=None,
+        description="special local program: vocab_parallel = the table's gathered/scattered "
+        "axis 0 is split; shift indices by the rank's first row and mask rows held elsewhere",
     )
     replicated_fallback: bool = False
     compute: float = 0.0

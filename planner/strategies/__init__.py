@@ -4,11 +4,19 @@
 type without a rule gets one replicated strategy flagged ``replicated_fallback=True``.
 Families: ``einsum`` (MatMul, Gemm, Einsum, Conv: role-generated dot strategies),
 ``pointwise`` (elementwise, Softmax, LayerNormalization), ``views`` (Reshape, Flatten,
-Squeeze, Unsqueeze, Transpose, Expand), ``reductions``, ``indexing`` (Gather with
-vocab-parallel embedding, Slice, Split, Concat).
+Squeeze, Unsqueeze, Transpose, Expand, Pad, Tile), ``reductions``, ``indexing`` (Gather with
+vocab-parallel embedding and its scatter-add gradient, GatherElements, GatherND, TopK, Slice,
+Split, Concat), ``spatial`` (ConvTranspose, pooling, batch/instance normalization).
 """
 
-from planner.strategies import einsum, indexing, pointwise, reductions, views  # noqa: F401
+from planner.strategies import (  # noqa: F401
+    einsum,
+    indexing,
+    pointwise,
+    reductions,
+    spatial,
+    views,
+)
 from planner.strategies.base import (
     REGISTRY,
     Collective,

@@ -4,7 +4,8 @@ As DTensor's ``view_groups``: a reshape is cut into groups of input dims and out
 equal products (size-1 dims stand alone). A rank's block stays a contiguous block of a group
 only when the split is on the group's leftmost input dim and lands on its leftmost output
 dim, which must divide by the shard count; any other split is not a view and is not offered.
-Transpose permutes the spec; Expand is pointwise broadcasting. All are followers.
+Transpose permutes the spec; Expand is pointwise broadcasting; Pad and Tile follow on the
+dims they leave alone. All are followers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from planner.graph import shape_of
+from planner.graph import const_array, shape_of
 from planner.mesh import LogicalMesh
 from planner.sharding import ShardingSpec
 from planner.strategies.base import (
@@ -109,3 +110,19 @@ def expand(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strat
     """Broadcasting; the executor rewrites the target shape input to the local shape."""
     terms, out = elementwise_terms(node)
     return einsum_strategies(node, mesh, ctx, [terms[0], None], [out])
+
+
+def _grown_dims(node: ir.Node) -> set[int]:
+    """Dims whose size the op changes (by its constant pads or repeats); all when unknown."""
+    src, dst = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    known = all(v is None or const_array(v) is not None for v in node.inputs[1:])
+    return {d for d in range(len(src)) if not known or src[d] != dst[d]}
+
+
+@register("Pad", "Tile", follows=True)
+def pad_or_tile(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
+    """Follow the input on the dims the op leaves alone; padded or tiled dims stay whole."""
+    terms, out = elementwise_terms(node)
+    grown = {out[d] for d in _grown_dims(node)}
+    ins = [terms[0], *[None] * (len(node.inputs) - 1)]
+    return einsum_strategies(node, mesh, ctx, ins, [out], unsplittable=grown)
