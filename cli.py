@@ -15,6 +15,7 @@ import click
 
 from planner.errors import UnsupportedModelError, UserError
 from planner.training import add_training_options
+from runtime.backend import BACKENDS
 
 EXAMPLES = """
 \b
@@ -26,6 +27,18 @@ Examples:
   alpa-plan inspect plan.json
   alpa-plan run plan.json --model gpt2.onnx --steps 5
 """
+
+
+def backend_option(fn):
+    """--backend for run and verify (runtime.backend)."""
+    return click.option(
+        "--backend",
+        type=click.Choice(BACKENDS),
+        default="auto",
+        show_default=True,
+        help="auto: CUDA (one rank per GPU, NCCL) when the plan's cluster has GPUs, else "
+        "CPU ranks with MPI; cpu/cuda force one (e.g. smoke-run a GPU plan on CPU ranks).",
+    )(fn)
 
 
 def user_errors(fn):
@@ -223,6 +236,7 @@ def diff_cmd(a: str, b: str, as_json: bool) -> None:
     is_flag=True,
     help="Resume from a checkpoint of another plan by re-slicing its tensors.",
 )
+@backend_option
 @user_errors
 def run_cmd(
     plan: str,
@@ -234,6 +248,7 @@ def run_cmd(
     checkpoint_every: int,
     resume: bool,
     reshard: bool,
+    backend: str,
 ) -> None:
     """Train with PLAN on its ranks (mpiexec, or the MPI/Slurm job this runs in): loss per
     step, throughput, and a report of predicted vs measured time per stage."""
@@ -249,7 +264,9 @@ def run_cmd(
         else None
     )
     report = report or str(Path(plan).with_suffix(".run.json"))
-    sys.exit(launch(plan, model, steps, data, report, verify=False, checkpoints=ckpt))
+    sys.exit(
+        launch(plan, model, steps, data, report, verify=False, checkpoints=ckpt, backend=backend)
+    )
 
 
 @main.command("verify")
@@ -263,13 +280,15 @@ def run_cmd(
 @click.option(
     "--data", type=click.Path(dir_okay=False), help="Global batch as .npz; synthetic when omitted."
 )
+@backend_option
 @user_errors
-def verify_cmd(plan: str, model: str, data: str | None) -> None:
+def verify_cmd(plan: str, model: str, data: str | None, backend: str) -> None:
     """One training step with PLAN vs on one rank: loss, gradients and updated parameters
-    must agree (fp32 relative error <= 1e-5); exit 1 naming the first tensor that differs."""
+    must agree (fp32 relative error <= 1e-5); exit 1 naming the first tensor that differs.
+    The reference step runs on rank 0's CPU whatever the backend."""
     from runtime.launch import launch
 
-    sys.exit(launch(plan, model, 1, data, None, verify=True))
+    sys.exit(launch(plan, model, 1, data, None, verify=True, backend=backend))
 
 
 @main.command("profile")

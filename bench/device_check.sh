@@ -2,9 +2,12 @@
 # One short check of the GPU path on a machine with an NVIDIA GPU (a few minutes at most):
 #   (a) onnxruntime's providers, and a MatMul on CUDAExecutionProvider checked against numpy;
 #   (b) every NCCL collective through runtime/cuda.py on a world of one rank;
-#   (c) the GPT-2 fixture compiled for a one-GPU cluster, its training step timed on the GPU
-#       through runtime/cuda.py's CudaSession, `alpa-plan run` on the GPU when the executor
-#       picks the CUDA backend, and PyTorch eager on the same model when torch is installed.
+#   (c) the GPT-2 fixture compiled for a one-GPU cluster, its whole training step timed on the
+#       GPU through runtime/cuda.py's CudaSession, `alpa-plan run` of the plan (the plan's
+#       device kind is gpu, so --backend auto must pick CUDA: checked in the run report),
+#       `alpa-plan verify --backend cuda` (GPU step vs the CPU reference), and PyTorch eager on
+#       the same model when torch is installed;
+#   (d) the GPU tests of tests/test_cuda_backend.py (skipped elsewhere).
 # Each part prints what is missing and moves on; the exit code is the number of failed parts.
 set -u
 cd "$(dirname "$0")/.."
@@ -87,11 +90,20 @@ for _ in range(steps):
 print(f"onnxruntime CUDA training step: {(time.perf_counter() - start) / steps * 1e3:.2f} ms "
       f"(plan predicted {plan.predicted.iteration_time * 1e3:.2f} ms)")
 EOF
-if grep -q "runtime.cuda" runtime/worker.py; then
-  "$PY" -m cli run "$OUT/gpu1-plan.json" --model "$MODEL" --steps 10 || failed=$((failed + 1))
+if "$PY" -m cli run "$OUT/gpu1-plan.json" --model "$MODEL" --steps 10 \
+  --report "$OUT/gpu1.run.json"; then
+  "$PY" - "$OUT/gpu1.run.json" <<'EOF' || failed=$((failed + 1))
+import json
+import sys
+
+backend = json.load(open(sys.argv[1]))["backend"]
+print("run report backend:", backend)
+sys.exit(0 if backend == "cuda" else f"expected the cuda backend for a GPU plan, got {backend}")
+EOF
 else
-  echo "skipped: alpa-plan run on GPU (runtime/worker.py does not pick runtime.cuda yet)"
+  failed=$((failed + 1))
 fi
+"$PY" -m cli verify "$OUT/gpu1-plan.json" --model "$MODEL" --backend cuda || failed=$((failed + 1))
 "$PY" - <<'EOF' || echo "skipped: PyTorch eager comparison (see message above)"
 import sys
 import time
@@ -125,5 +137,8 @@ for _ in range(steps):
 torch.cuda.synchronize()
 print(f"PyTorch eager training step: {(time.perf_counter() - start) / steps * 1e3:.2f} ms")
 EOF
+
+echo "== (d) GPU tests"
+"$PY" -m pytest -q tests/test_cuda_backend.py || failed=$((failed + 1))
 echo "device check: $failed part(s) failed; outputs in $OUT"
 exit "$failed"

@@ -4,7 +4,8 @@ Every gradient's deferred collectives run once per step, after accumulation, so 
 run one tensor at a time: gradients whose next collective is the same (kind, group, reduce
 op) and dtype are flattened into one buffer of up to ``BUCKET_BYTES`` and synchronised with
 one call. That pays the collective's fixed latency once per bucket instead of once per
-tensor, which dominates for the many small gradients (biases, norms) of a model.
+tensor, which dominates for the many small gradients (biases, norms) of a model. Buffers are
+built with the tensors' own array module, so GPU gradients are bucketed on the GPU.
 
 Buckets are formed and issued in gradient order, which every rank of a stage shares, so the
 ranks of a group issue the same buckets in the same order.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.comm import Communicator, concat_blocks
+from runtime.comm import Communicator, array_module, concat_blocks, split_blocks
 from runtime.partition import CollectiveOp
 
 BUCKET_BYTES = 25 << 20
@@ -53,19 +54,20 @@ def run_bucket(
     p = len(op.group)
     if len(xs) == 1 or p == 1:
         return [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
+    xp = array_module(xs[0])
     if op.kind == "reduce_scatter":
         # rank r's block holds piece r (along its dim) of every tensor, flattened, in order
         rows = [
-            np.stack(np.split(x, p, axis=o.dim)).reshape(p, -1)
+            split_blocks(x, p, o.dim, "reduce_scatter").reshape(p, -1)
             for o, x in zip(ops, xs, strict=True)
         ]
-        mine = comm.reduce_scatter(np.concatenate(rows, axis=1), op.group, 0, op.reduce)
+        mine = comm.reduce_scatter(xp.concatenate(rows, axis=1), op.group, 0, op.reduce)
         pieces = [
             tuple(n // p if d == o.dim else n for d, n in enumerate(x.shape))
             for o, x in zip(ops, xs, strict=True)
         ]
         return _unflatten(mine.reshape(-1), pieces)
-    flat = np.concatenate([x.reshape(-1) for x in xs])
+    flat = xp.concatenate([x.reshape(-1) for x in xs])
     if op.kind == "all_gather":
         everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
         spans = _offsets([x.size for x in xs])

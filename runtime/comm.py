@@ -19,6 +19,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 
 import numpy as np
 
@@ -33,12 +34,25 @@ ABORT_GRACE_SECONDS = 0.5
 
 
 class Communicator(ABC):
-    """Collectives over groups of global device ids, point-to-point sends, timing."""
+    """Collectives over groups of global device ids, point-to-point sends, timing. Tensors
+    live in ``xp`` arrays (numpy here, cupy on GPUs); ``to_device``/``to_host`` move host data
+    in and out, so the executor copies only where it needs host data."""
 
     rank: int
     size: int
     seconds: float  # wall time spent inside communication since the last reset
     calls: int  # operations completed since the last reset
+    xp: ModuleType = np
+
+    def to_device(self, x: np.ndarray):
+        return x
+
+    def to_host(self, x) -> np.ndarray:
+        return x
+
+    @abstractmethod
+    def add_groups(self, groups: Iterable[Group]) -> None:
+        """Set up the groups this rank communicates over (every rank calls it once)."""
 
     @abstractmethod
     def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray: ...
@@ -83,22 +97,32 @@ class Communicator(ABC):
         """Print ``message`` naming this rank and end every rank of the job."""
 
 
+def array_module(x) -> ModuleType:
+    """numpy, or cupy for a cupy array: the helpers here and in reshard/buckets serve both
+    backends, and a CPU-only install never imports cupy."""
+    if type(x).__module__.partition(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 def contiguous(x: np.ndarray) -> np.ndarray:
     """C-contiguous without promoting 0-d arrays to 1-d (as np.ascontiguousarray does)."""
     return x if x.flags.c_contiguous else x.copy(order="C")
 
 
-def _split(x: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
+def split_blocks(x: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
     """``np.stack(np.split(x, n, dim))`` as one reshape and (for dim > 0) one copy."""
     if x.shape[dim] % n:
         raise ValueError(f"{what}: dim {dim} of shape {x.shape} does not split into {n} parts")
     parts = x.reshape(*x.shape[:dim], n, x.shape[dim] // n, *x.shape[dim + 1 :])
-    return contiguous(np.moveaxis(parts, dim, 0))
+    return contiguous(array_module(x).moveaxis(parts, dim, 0))
 
 
 def concat_blocks(blocks: np.ndarray, dim: int) -> np.ndarray:
     """``np.concatenate(list(blocks), dim)`` as one copy (none for dim 0)."""
-    joined = np.moveaxis(blocks, 0, dim)
+    joined = array_module(blocks).moveaxis(blocks, 0, dim)
     shape = (
         *joined.shape[:dim],
         joined.shape[dim] * joined.shape[dim + 1],
@@ -107,9 +131,10 @@ def concat_blocks(blocks: np.ndarray, dim: int) -> np.ndarray:
     return contiguous(joined).reshape(shape)
 
 
-def _mean(total: np.ndarray, n: int) -> np.ndarray:
-    """In place, so a 0-d array stays an array (numpy would return a scalar)."""
-    total /= np.asarray(n, total.dtype)
+def mean_of(total: np.ndarray, n: int) -> np.ndarray:
+    """``total / n`` in place, so a 0-d array stays an array (numpy would return a scalar)
+    and the dtype stays (a scalar of it works for numpy and cupy alike)."""
+    total /= total.dtype.type(n)
     return total
 
 
@@ -183,7 +208,7 @@ class MpiCommunicator(Communicator):
         out = np.empty_like(x)
         start = time.perf_counter()
         self._wait(self._comm(group).Iallreduce(x, out, self._ops[op]), "all_reduce", group, start)
-        return _mean(out, len(group)) if op == "mean" else out
+        return mean_of(out, len(group)) if op == "mean" else out
 
     def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray:
         if len(group) == 1:
@@ -197,19 +222,19 @@ class MpiCommunicator(Communicator):
     def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray:
         if len(group) == 1:
             return x
-        send = _split(x, len(group), dim, "reduce_scatter")
+        send = split_blocks(x, len(group), dim, "reduce_scatter")
         out = np.empty(send.shape[1:], x.dtype)
         start = time.perf_counter()
         request = self._comm(group).Ireduce_scatter_block(send, out, self._ops[op])
         self._wait(request, "reduce_scatter", group, start)
-        return _mean(out, len(group)) if op == "mean" else out
+        return mean_of(out, len(group)) if op == "mean" else out
 
     def all_to_all(
         self, x: np.ndarray, group: Group, split_dim: int, concat_dim: int
     ) -> np.ndarray:
         if len(group) == 1:
             return x
-        send = _split(x, len(group), split_dim, "all_to_all")
+        send = split_blocks(x, len(group), split_dim, "all_to_all")
         out = np.empty_like(send)
         start = time.perf_counter()
         self._wait(self._comm(group).Ialltoall(send, out), "all_to_all", group, start)

@@ -6,6 +6,8 @@ whose unique id the group's first member creates and MPI distributes (NCCL needs
 out-of-band channel to bootstrap; MPI is already there). Objects, metrics and aborts stay
 on MPI, the control plane. ``CudaSession`` runs a segment with IO binding so inputs and
 outputs live on the device and the only host copies are the ones the executor asks for.
+NCCL, onnxruntime and cupy all work on one stream per rank, so a session's inputs are ready
+when it starts and a collective sees the session's outputs, without host synchronisation.
 
 Point-to-point sends have no tags in NCCL: a send matches the peer's next receive from this
 rank, so both sides must issue their transfers to each other in the same order (the
@@ -25,9 +27,19 @@ from typing import Any
 import numpy as np
 
 from planner.errors import UserError
-from runtime.comm import Communicator, Group
+from runtime.comm import (
+    Communicator,
+    Group,
+    MpiCommunicator,
+    concat_blocks,
+    contiguous,
+    mean_of,
+    split_blocks,
+)
 
-INSTALL_HINT = "install onnxruntime-gpu and cupy-cuda12x: pip install alpa-plan[cuda]"
+CPU_HINT = "(or run with --backend cpu)"
+ORT_GPU_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+CUPY_HINT = "pip install 'alpa-plan[cuda]' (cupy-cuda12x)"
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
 NCCL_DTYPES = {
     "float16": "NCCL_FLOAT16",
@@ -53,23 +65,44 @@ ORT_ELEMENT_TYPES = {
 }
 
 
-def require_cuda(providers: Sequence[str] | None = None) -> Any:
-    """The ``cupy`` module, after checking the CUDA execution provider and cupy are usable;
-    a ``UserError`` naming what is missing otherwise."""
+def require_cuda(why: str, providers: Sequence[str] | None = None) -> Any:
+    """The ``cupy`` module, after checking that onnxruntime has the CUDA execution provider
+    and cupy imports with NCCL; otherwise a one-line ``UserError`` saying, after ``why`` (what
+    asked for the GPU), what is missing and how to install it."""
     if providers is None:
         import onnxruntime as ort
 
         providers = ort.get_available_providers()
     if "CUDAExecutionProvider" not in providers:
         raise UserError(
-            f"onnxruntime has no CUDAExecutionProvider (it has {list(providers)}): " + INSTALL_HINT
+            f"{why} but onnxruntime has no CUDAExecutionProvider (it has {list(providers)}): "
+            f"{ORT_GPU_HINT} {CPU_HINT}"
         )
     try:
         import cupy
         from cupy.cuda import nccl  # noqa: F401  (fails when cupy was built without NCCL)
     except ImportError as exc:
-        raise UserError(f"cupy with NCCL is not importable ({exc}): {INSTALL_HINT}") from None
+        raise UserError(
+            f"{why} but cupy with NCCL is not importable ({exc}): {CUPY_HINT} {CPU_HINT}"
+        ) from None
     return cupy
+
+
+def visible_gpus(cp: Any, why: str) -> int:
+    """How many GPUs CUDA shows this process; a ``UserError`` when none (no driver, no
+    device, or CUDA_VISIBLE_DEVICES hiding them all)."""
+    try:
+        count = int(cp.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # cupy raises CUDARuntimeError without a driver or device
+        count, detail = 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        detail = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
+    if count < 1:
+        raise UserError(
+            f"{why} but CUDA sees no GPU ({detail}): check nvidia-smi and "
+            f"CUDA_VISIBLE_DEVICES {CPU_HINT}"
+        )
+    return count
 
 
 def local_rank(rank: int, devices_per_host: int, env: Mapping[str, str] = os.environ) -> int:
@@ -123,23 +156,33 @@ def nccl_dtype(nccl: Any, dtype: np.dtype) -> int:
 
 
 class NcclCommunicator(Communicator):
-    """NCCL data plane, MPI control plane. Each collective runs on the current cupy stream
-    and is waited for (polled against ``ALPA_COMM_TIMEOUT``), so ``seconds`` is real time and
-    a dead peer aborts the job instead of hanging it."""
+    """NCCL data plane, MPI control plane (``mpi``, the job's communicator). Each collective
+    runs on this rank's stream and is waited for (polled against ``ALPA_COMM_TIMEOUT``), so
+    ``seconds`` is real time and a dead peer aborts the job instead of hanging it.
 
-    def __init__(self, devices_per_host: int, timeout: float | None = None):
-        from runtime.comm import MpiCommunicator
+    Setup problems (no CUDA provider, no cupy, too few GPUs for this host's ranks) are
+    agreed on over MPI first, so every rank raises the same ``UserError`` and none is left
+    waiting in an NCCL bootstrap the others never reach."""
 
-        self.cp = require_cuda()
+    def __init__(self, mpi: MpiCommunicator, devices_per_host: int, why: str):
+        self.mpi = mpi
+        self.rank, self.size = mpi.rank, mpi.size
+        problem = None
+        try:
+            self.cp = self.xp = require_cuda(why)
+            self.device = gpu_for_rank(self.rank, devices_per_host, visible_gpus(self.cp, why))
+        except UserError as exc:
+            problem = str(exc)
+        first = next((p for p in mpi.world.allgather(problem) if p), None)
+        if first is not None:
+            raise UserError(first)
         from cupy.cuda import nccl
 
         self.nccl = nccl
-        self.mpi = MpiCommunicator(timeout)
-        self.rank, self.size = self.mpi.rank, self.mpi.size
-        self.device = gpu_for_rank(
-            self.rank, devices_per_host, self.cp.cuda.runtime.getDeviceCount()
-        )
         self.cp.cuda.Device(self.device).use()
+        # Not the default stream: onnxruntime ignores stream 0 as a user stream.
+        self.stream = self.cp.cuda.Stream(non_blocking=True)
+        self.stream.use()
         self.seconds = 0.0
         self.calls = 0
         self._comms: dict[Group, Any] = {}
@@ -150,6 +193,12 @@ class NcclCommunicator(Communicator):
         else:  # NCCL still runs on one rank: lets a single GPU check the whole path
             self._comms[world] = self.nccl.NcclCommunicator(1, self.nccl.get_unique_id(), 0)
         self._world = self._comms[world]
+
+    def to_device(self, x: np.ndarray) -> Any:
+        return self.cp.asarray(x)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return self.cp.asnumpy(x)
 
     def _create(self, groups: Iterable[Group]) -> dict[Group, Any]:
         groups = list(groups)
@@ -199,7 +248,7 @@ class NcclCommunicator(Communicator):
     def all_reduce(self, x, group: Group, op: str):
         if len(group) == 1:
             return x
-        x = self.cp.ascontiguousarray(self.cp.asarray(x))
+        x = contiguous(self.cp.asarray(x))
         out = self.cp.empty_like(x)
         dtype, reduce = nccl_dtype(self.nccl, x.dtype), getattr(self.nccl, NCCL_OPS[op])
         self._run(
@@ -207,12 +256,12 @@ class NcclCommunicator(Communicator):
             group,
             lambda c, s: c.allReduce(x.data.ptr, out.data.ptr, x.size, dtype, reduce, s),
         )
-        return out / len(group) if op == "mean" else out
+        return mean_of(out, len(group)) if op == "mean" else out
 
     def all_gather(self, x, group: Group, dim: int):
         if len(group) == 1:
             return x
-        x = self.cp.ascontiguousarray(self.cp.asarray(x))
+        x = contiguous(self.cp.asarray(x))
         out = self.cp.empty((len(group), *x.shape), x.dtype)
         dtype = nccl_dtype(self.nccl, x.dtype)
         self._run(
@@ -220,12 +269,12 @@ class NcclCommunicator(Communicator):
             group,
             lambda c, s: c.allGather(x.data.ptr, out.data.ptr, x.size, dtype, s),
         )
-        return self.cp.concatenate(list(out), axis=dim)
+        return concat_blocks(out, dim)
 
     def reduce_scatter(self, x, group: Group, dim: int, op: str):
         if len(group) == 1:
             return x
-        send = self._stack(x, len(group), dim, "reduce_scatter")
+        send = split_blocks(self.cp.asarray(x), len(group), dim, "reduce_scatter")
         out = self.cp.empty(send.shape[1:], send.dtype)
         dtype, reduce = nccl_dtype(self.nccl, send.dtype), getattr(self.nccl, NCCL_OPS[op])
         self._run(
@@ -233,12 +282,12 @@ class NcclCommunicator(Communicator):
             group,
             lambda c, s: c.reduceScatter(send.data.ptr, out.data.ptr, out.size, dtype, reduce, s),
         )
-        return out / len(group) if op == "mean" else out
+        return mean_of(out, len(group)) if op == "mean" else out
 
     def all_to_all(self, x, group: Group, split_dim: int, concat_dim: int):
         if len(group) == 1:
             return x
-        send = self._stack(x, len(group), split_dim, "all_to_all")
+        send = split_blocks(self.cp.asarray(x), len(group), split_dim, "all_to_all")
         out = self.cp.empty_like(send)
         dtype, me = nccl_dtype(self.nccl, send.dtype), group.index(self.rank)
         count = send[0].size
@@ -255,7 +304,7 @@ class NcclCommunicator(Communicator):
 
         self._run("all_to_all", group, exchange)
         out[me] = send[me]
-        return self.cp.concatenate(list(out), axis=concat_dim)
+        return concat_blocks(out, concat_dim)
 
     def broadcast(self, x, group: Group, root: int):
         if len(group) == 1:
@@ -269,14 +318,8 @@ class NcclCommunicator(Communicator):
         )
         return buf
 
-    def _stack(self, x, n: int, dim: int, what: str):
-        x = self.cp.asarray(x)
-        if x.shape[dim] % n:
-            raise ValueError(f"{what}: dim {dim} of shape {x.shape} does not split into {n}")
-        return self.cp.ascontiguousarray(self.cp.stack(self.cp.split(x, n, axis=dim)))
-
     def send(self, x, dst: int, tag: int) -> None:
-        x = self.cp.ascontiguousarray(self.cp.asarray(x))
+        x = contiguous(self.cp.asarray(x))
         stream = self.cp.cuda.get_current_stream().ptr
         self._world.send(x.data.ptr, x.size, nccl_dtype(self.nccl, x.dtype), dst, stream)
         self._pending.append(x)
@@ -313,35 +356,43 @@ def numpy_dtype(ort_element_type: str) -> type:
 
 
 class CudaSession:
-    """An onnxruntime session on one GPU whose inputs and outputs stay in device memory."""
+    """An onnxruntime session on one GPU whose inputs and outputs stay in device memory.
 
-    def __init__(self, model: bytes, device: int, options: Any = None):
+    It runs on ``stream`` (the communicator's), so it reads inputs that cupy and NCCL
+    produced on that stream in order; TF32 is off, so float32 graphs compute in float32 as
+    the plan priced them (and ``verify``'s fp32 tolerance holds on GPUs too)."""
+
+    def __init__(self, model: bytes, device: int, options: Any = None, stream: int = 0):
         import onnxruntime as ort
 
-        self.cp = require_cuda(ort.get_available_providers())
+        self.cp = require_cuda("a CUDA session needs the GPU", ort.get_available_providers())
         self.ort = ort
         self.device = device
+        cuda = {"device_id": str(device), "use_tf32": "0"}
+        if stream:
+            cuda["user_compute_stream"] = str(stream)
         self.session = ort.InferenceSession(
-            model,
-            options,
-            providers=[("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"],
+            model, options, providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         )
         if "CUDAExecutionProvider" not in self.session.get_providers():
             raise UserError(
-                f"onnxruntime could not place the session on GPU {device}: " + INSTALL_HINT
+                f"onnxruntime could not place a session on GPU {device} (CUDA or cuDNN "
+                f"libraries missing?): check that onnxruntime-gpu matches the CUDA install "
+                f"{CPU_HINT}"
             )
 
     def run(self, outputs: Sequence[str], feeds: Mapping[str, Any]) -> list[Any]:
         """Run with cupy (or numpy, copied up once) inputs; returns cupy arrays that alias
         onnxruntime's output buffers (kept alive by the arrays)."""
         binding = self.session.io_binding()
+        bound = []  # bound by pointer: must outlive the run
         for name, x in feeds.items():
             if isinstance(x, self.cp.ndarray):
-                x = self.cp.ascontiguousarray(x)
+                bound.append(x := contiguous(x))
                 binding.bind_input(name, "cuda", self.device, x.dtype, list(x.shape), x.data.ptr)
             else:
                 value = self.ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(x), "cuda", self.device
+                    contiguous(np.asarray(x)), "cuda", self.device
                 )
                 binding.bind_ortvalue_input(name, value)
         for name in outputs:
@@ -360,7 +411,8 @@ class CudaSession:
 def self_check() -> dict[str, bool]:
     """Every collective through NCCL on this job's world group (works with one rank too,
     where NCCL still runs): result name -> matches numpy. Used by bench/device_check.sh."""
-    comm = NcclCommunicator(devices_per_host=max(1, int(os.environ.get("ALPA_GPUS", "1"))))
+    devices = max(1, int(os.environ.get("ALPA_GPUS", "1")))
+    comm = NcclCommunicator(MpiCommunicator(), devices, "the NCCL self-check needs a GPU")
     cp = comm.cp
     raw = comm._comms[tuple(range(comm.size))]
     x = cp.arange(4 * max(2, comm.size), dtype=cp.float32) + comm.rank

@@ -1,10 +1,11 @@
 """Start the ranks: join an MPI/Slurm job we are already part of, or run ``mpiexec`` ourselves.
 
 On one machine ``alpa-plan run`` prepares the training step once (so a wrong model or data
-file fails before any rank starts), writes it to a temporary folder, and launches
+file fails before any rank starts), checks what the backend needs (a GPU plan: onnxruntime-gpu,
+cupy, one GPU per rank), writes the step to a temporary folder, and launches
 ``mpiexec -n <ranks>`` (the one next to this Python, from the MPICH wheel) on
 ``python -m runtime.worker``. Inside an existing job of the right size every rank runs the
-worker directly and rank 0 prepares the step.
+worker directly, rank 0 prepares the step and the ranks check the backend together.
 """
 
 from __future__ import annotations
@@ -117,13 +118,16 @@ def launch(
     verify: bool,
     step_dir: str | None = None,
     checkpoints: CheckpointArgs | None = None,
+    backend: str = "auto",
 ) -> int:
-    """Run the plan on its ranks; returns the job's exit code."""
+    """Run the plan on its ranks with ``backend`` (auto|cpu|cuda, see ``runtime.backend``);
+    returns the job's exit code."""
+    from runtime.backend import check_local
     from runtime.worker import main, required_ranks
 
     plan = load_plan(plan_path)
     ranks = required_ranks(plan)
-    args = [plan_path, "--steps", str(steps)]
+    args = [plan_path, "--steps", str(steps), "--backend", backend]
     args += ["--data", data] if data else []
     args += ["--report", report] if report else []
     args += ["--verify"] if verify else []
@@ -133,6 +137,7 @@ def launch(
         if size != ranks:
             raise UserError(f"this MPI job has {size} ranks; the plan needs {ranks}")
         return main([*args, *(["--step", step_dir] if step_dir else ["--model", model or ""])])
+    check_local(backend, plan, ranks)
     with tempfile.TemporaryDirectory(prefix="alpa-step-") as tmp:
         if step_dir is None:
             from runtime.data import load_batch

@@ -16,7 +16,9 @@ which then run once per step on the accumulated sum (Alpa's skipped grad-sync ch
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -50,6 +52,13 @@ def same(a: ShardingSpec, b: ShardingSpec) -> bool:
     return a.dims == b.dims and set(a.partial) == set(b.partial)
 
 
+class Session(Protocol):
+    """What the executor needs of a session: ``ort.InferenceSession`` on CPU ranks,
+    ``runtime.cuda.CudaSession`` (arrays stay on the GPU) on GPUs."""
+
+    def run(self, outputs: Sequence[str], feeds: Mapping[str, Any]) -> list[Any]: ...
+
+
 @dataclass
 class Segment:
     """Consecutive local nodes run as one onnxruntime session."""
@@ -59,7 +68,7 @@ class Segment:
     inputs: list[str] = field(default_factory=list)
     produced: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    session: ort.InferenceSession | None = None
+    session: Session | None = None
 
 
 @dataclass
@@ -207,13 +216,24 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
+def cpu_session(model: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+
+
 class StageBuilder:
     """Builds the ``StageProgram`` of one rank (see the module docstring)."""
 
-    def __init__(self, model: ir.Model, plan: Plan, device: int):
+    def __init__(
+        self,
+        model: ir.Model,
+        plan: Plan,
+        device: int,
+        make_session: Callable[[bytes], Session],
+    ):
         self.model = model
         self.plan = plan
         self.device = device
+        self.make_session = make_session
         stage = stage_of_device(plan, device)
         assert stage is not None
         self.stage = stage
@@ -738,7 +758,7 @@ class StageBuilder:
         name = key.split("@", 1)[0]
         return helper.make_tensor_value_info(key, int(self.dtype(name)), None)
 
-    def _session(self, seg: Segment, opsets) -> ort.InferenceSession:
+    def _session(self, seg: Segment, opsets) -> Session:
         graph = helper.make_graph(
             seg.nodes,
             f"stage{self.stage.index}",
@@ -752,9 +772,9 @@ class StageBuilder:
             graph, opset_imports=opsets, ir_version=min(self.model.ir_version or 10, 10)
         )
         try:
-            return ort.InferenceSession(
-                model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
-            )
+            return self.make_session(model.SerializeToString())
+        except UserError:
+            raise
         except Exception as exc:
             first = seg.nodes[0].name if seg.nodes else "?"
             raise UserError(
@@ -764,5 +784,10 @@ class StageBuilder:
             ) from None
 
 
-def build_stage(model: ir.Model, plan: Plan, device: int) -> StageProgram:
-    return StageBuilder(model, plan, device).build()
+def build_stage(
+    model: ir.Model,
+    plan: Plan,
+    device: int,
+    make_session: Callable[[bytes], Session],
+) -> StageProgram:
+    return StageBuilder(model, plan, device, make_session).build()

@@ -48,7 +48,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
+def summarize(plan: Plan, rows: list[dict], setup: float, backend: str) -> dict:
     timed = rows[1:] if len(rows) > 1 else rows
     stages = []
     for s in plan.stages:
@@ -103,6 +103,7 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
             "global_batch": plan.options.global_batch,
             "model": plan.model.file,
         },
+        "backend": backend,
         "losses": [row["loss"] for row in rows],
         "iteration_time": {"predicted": plan.predicted.iteration_time, "measured": step},
         "throughput_samples_per_s": plan.options.global_batch / step,
@@ -117,13 +118,13 @@ def summarize(plan: Plan, rows: list[dict], setup: float) -> dict:
     }
 
 
-def write(plan: Plan, rows: list[dict], setup: float, path: Path | None) -> None:
-    summary = summarize(plan, rows, setup)
+def write(plan: Plan, rows: list[dict], setup: float, path: Path | None, backend: str) -> None:
+    summary = summarize(plan, rows, setup, backend)
     if path is not None:
         write_atomic(path, canonical_json(summary))
     it = summary["iteration_time"]
     click.echo(
-        f"{len(rows)} steps: {it['measured'] * 1e3:.1f} ms/step (predicted "
+        f"{len(rows)} steps on {backend}: {it['measured'] * 1e3:.1f} ms/step (predicted "
         f"{it['predicted'] * 1e3:.1f} ms), {summary['throughput_samples_per_s']:.1f} samples/s, "
         f"runtime overhead {summary['runtime_overhead']['fraction_of_step']:.1%}, "
         f"communication {summary['runtime_overhead']['communication_fraction']:.1%}"

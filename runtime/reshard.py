@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.sharding import ShardingSpec
-from runtime.comm import Communicator, contiguous
+from runtime.comm import Communicator, array_module, contiguous
 from runtime.mesh import RankMesh
 
 
@@ -73,7 +73,8 @@ def program(src: ShardingSpec, dst: ShardingSpec) -> list[Step]:
 def apply(
     x: np.ndarray, steps: list[Step], mesh: RankMesh, device: int, comm: Communicator
 ) -> np.ndarray:
-    """Run a resharding program on this rank's block."""
+    """Run a resharding program on this rank's block (a numpy or cupy array, kept where it
+    is: collectives, slices and zeros stay on the array's device)."""
     coords = mesh.coords(device)
     for s in steps:
         group = tuple(mesh.group(device, (s.axis,)))
@@ -94,5 +95,5 @@ def apply(
             index[s.dim] = slice(coords[s.axis] * size, (coords[s.axis] + 1) * size)
             x = contiguous(x[tuple(index)])
         elif coords[s.axis]:  # "zero": only the first rank of the axis keeps the addend
-            x = np.zeros_like(x)
+            x = array_module(x).zeros_like(x)
     return x

@@ -28,13 +28,13 @@ TOLERANCE = 1e-5
 def sharded_tensors(
     runner, grads: dict[str, np.ndarray], comm: Communicator, tag: int, leaders: list[int]
 ) -> dict[str, np.ndarray] | None:
-    """Global final gradients and updated state of every stage, at rank 0 (``leaders``: the
-    first device of each stage, which sends its stage's tensors)."""
+    """Global final gradients and updated state of every stage, on the host of rank 0
+    (``leaders``: the first device of each stage, which sends its stage's tensors)."""
     p = runner.p
-    mine = {g.key: runner.gather(g.key, grads[g.key], g.spec) for g in p.grads}
+    mine = {g.key: comm.to_host(runner.gather(grads[g.key], g.spec)) for g in p.grads}
     mine.update(
         {
-            name: runner.gather(name, runner.state[name], spec)
+            name: comm.to_host(runner.gather(runner.state[name], spec))
             for name, spec in p.owned_specs.items()
         }
     )

@@ -2,9 +2,11 @@
 
 Rank 0 prepares the training step (import, structure-hash check, training graph, initial
 state, the ``--data`` batch) and broadcasts it, so the model is read once and every problem
-is reported once, before any compute. Each rank then runs its stage's schedule; after every
-step all ranks send their timings (and the loss stage its loss) to rank 0, which prints one
-line per step and writes the run report.
+is reported once, before any compute. Every rank then opens the backend (``runtime.backend``:
+MPI on CPU ranks, or NCCL and CUDA sessions on its GPU), runs its stage's schedule with
+tensors on the backend's device, and copies to the host only what the host needs (the loss,
+checkpoints, verify's tensors). After every step all ranks send their timings (and the loss
+stage its loss) to rank 0, which prints one line per step and writes the run report.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from planner.plan_io import load_plan
 from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
+from runtime.backend import BACKENDS, Backend, open_backend
 from runtime.buckets import BUCKETED, run_collective, sync
 from runtime.comm import Communicator, MpiCommunicator, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
@@ -85,7 +88,9 @@ class Job:
 
 
 class StageRunner:
-    """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update."""
+    """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update.
+    Tensors are the communicator's arrays (``comm.xp``): state and data are copied to the
+    device once, everything after stays there."""
 
     def __init__(
         self,
@@ -98,7 +103,7 @@ class StageRunner:
         self.comm = comm
         self.m = microbatches
         self.state = {
-            name: shard(state[name], spec, program.mesh, program.device)
+            name: comm.to_device(shard(state[name], spec, program.mesh, program.device))
             for name, spec in program.state_specs.items()
         }
         self.timers = Timers()
@@ -158,9 +163,9 @@ class StageRunner:
                 for piece in ins.pieces:
                     self.comm.send(x[piece.src_index], piece.dst, ins.tag * self.m + m)
             elif isinstance(ins, Recv):
-                buf = np.empty(ins.shape, ins.dtype)
+                buf = self.comm.xp.empty(ins.shape, ins.dtype)
                 for piece in ins.pieces:
-                    part = np.empty(buf[piece.dst_index].shape, ins.dtype)
+                    part = self.comm.xp.empty(buf[piece.dst_index].shape, ins.dtype)
                     self.comm.recv(part, piece.src, ins.tag * self.m + m)
                     buf[piece.dst_index] = part
                 env[ins.key] = reshard.apply(buf, ins.zero, self.p.mesh, self.p.device, self.comm)
@@ -182,12 +187,12 @@ class StageRunner:
             if task == "F":
                 mb = microbatch(batch, m, self.m)
                 env = envs[m] = {
-                    name: shard(mb[name], spec, self.p.mesh, self.p.device)
+                    name: self.comm.to_device(shard(mb[name], spec, self.p.mesh, self.p.device))
                     for name, spec in self.p.data_specs.items()
                 }
                 self.run("forward", env, m)
                 if self.p.loss is not None:
-                    losses.append(float(env[self.p.loss]))
+                    losses.append(env[self.p.loss])  # read after the step: no sync per task
             else:
                 env = envs.pop(m)
                 self.run("backward", env, m)
@@ -197,7 +202,7 @@ class StageRunner:
         start = time.perf_counter()
         grads = self.p.grads
         if self.m > 1:
-            acc = {g.key: acc[g.key] / np.asarray(self.m, acc[g.key].dtype) for g in grads}
+            acc = {g.key: acc[g.key] / acc[g.key].dtype.type(self.m) for g in grads}
         synced = sync([acc[g.key] for g in grads], [g.deferred for g in grads], self.comm)
         step_env.update(zip((g.key for g in grads), synced, strict=True))
         self.timers.collective += time.perf_counter() - start
@@ -207,10 +212,10 @@ class StageRunner:
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
-        loss = float(np.mean(losses)) if losses else None
+        loss = float(np.mean([float(x) for x in losses])) if losses else None
         return loss, step_env
 
-    def gather(self, key: str, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
+    def gather(self, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
         """The global tensor (every rank of the stage takes part)."""
         return reshard.apply(
             x,
@@ -249,7 +254,8 @@ def _prepare(
 
 def main(argv: list[str]) -> int:
     """``python -m runtime.worker PLAN [--model M | --step DIR] [--steps N] [--data F]
-    [--report R] [--verify]``: one rank's entry point (the launcher passes these)."""
+    [--report R] [--verify] [--backend auto|cpu|cuda]``: one rank's entry point (the
+    launcher passes these)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="runtime.worker")
@@ -264,6 +270,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--reshard", action="store_true")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     args = parser.parse_args(argv)
     comm = MpiCommunicator()
     pid_file = Path(os.environ.get(PID_DIR, ".")) / f"{os.getpid()}.rank"
@@ -311,6 +318,7 @@ def _main(comm: MpiCommunicator, args) -> int:
     assert isinstance(payload, tuple)
     model_bytes, state_bytes, batch, ckpt = payload
     plan = load_plan(args.plan)
+    backend = open_backend(args.backend, plan, comm)
     job = Job(
         plan,
         args.plan,
@@ -321,7 +329,7 @@ def _main(comm: MpiCommunicator, args) -> int:
         args.verify,
         ckpt,
     )
-    return execute(comm, job)
+    return execute(backend, job)
 
 
 def required_ranks(plan: Plan) -> int:
@@ -347,7 +355,7 @@ def _save(comm: Communicator, job: Job, ckpt: Checkpointing, runner: StageRunner
         ckpt.run_id,
         step,
         comm.rank,
-        {name: runner.state[name] for name in owned},
+        {name: comm.to_host(runner.state[name]) for name in owned},
         owned,
         _shapes(job, owned),
         runner.p.mesh,
@@ -362,9 +370,10 @@ def _save(comm: Communicator, job: Job, ckpt: Checkpointing, runner: StageRunner
     click.echo(f"checkpoint: {final}")
 
 
-def execute(comm: MpiCommunicator, job: Job) -> int:
+def execute(backend: Backend, job: Job) -> int:
     from runtime import report
 
+    comm = backend.comm
     plan = job.plan
     if comm.size != required_ranks(plan):
         raise UserError(
@@ -377,21 +386,27 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
     stage = stage_of_device(plan, comm.rank)
     if stage is None:
         raise UserError(f"device {comm.rank} is in no stage of the plan: recompile the plan")
+    if comm.rank == 0 and plan.options.dtype != "float32":
+        click.echo(
+            f"note: the plan is priced for {plan.options.dtype} mixed precision; the executor "
+            "computes the training graph in float32"
+        )
     setup = time.perf_counter()
-    program = build_stage(job.step.model, plan, comm.rank)
+    program = build_stage(job.step.model, plan, comm.rank, backend.make_session)
     comm.add_groups(mesh_groups(program.mesh.device_at, program.mesh.shape))
     runner = StageRunner(program, comm, job.step.state, plan.options.microbatches)
     first = 0
     ckpt = job.checkpoints
     if ckpt is not None and ckpt.resume is not None:
         owned = program.owned_specs
-        runner.state.update(
+        loaded = (
             checkpoint.load_own(ckpt.resume, comm.rank, owned)
             if ckpt.resume.same_plan
             else checkpoint.load_resharded(
                 ckpt.resume, owned, _shapes(job, owned), program.mesh, comm.rank
             )
         )
+        runner.state.update({name: comm.to_device(x) for name, x in loaded.items()})
         first = ckpt.resume.step
     setup = time.perf_counter() - setup
     state_names = set(job.step.state)
@@ -449,7 +464,7 @@ def execute(comm: MpiCommunicator, job: Job) -> int:
             )
         return 0
     if comm.rank == 0:
-        report.write(plan, rows, setup, job.report)
+        report.write(plan, rows, setup, job.report, backend.name)
     return 0
 
 
