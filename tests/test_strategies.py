@@ -26,7 +26,17 @@ from tests.conftest import FIXTURES
 MESH = mesh_from_links((2, 2), [flat_link(2, 1e-6, 1e9), flat_link(2, 1e-6, 1e10)])
 CTX = StrategyContext(resolve_cluster("p3.16xlarge").device, reduce_scatter=True)
 RNG = np.random.default_rng(0)
-CONST_INPUT_OPS = ("Reshape", "ReduceSum", "ReduceMean", "Split", "Pad", "Tile", "TopK")
+CONST_INPUT_OPS = (
+    "Reshape",
+    "ReduceSum",
+    "ReduceMean",
+    "Split",
+    "Pad",
+    "Tile",
+    "TopK",
+    "CumSum",
+    "OneHot",
+)
 
 
 def _f(*shape):
@@ -95,6 +105,10 @@ CASES = {
         [_f(4, 4, 3, 3), _f(4), _f(4), _f(4), np.abs(_f(4))],
         {},
     ),
+    "one_hot": ("OneHot", [_i(*RNG.integers(0, 8, 8)).reshape(4, 2), _i(8), _f(2)], {"axis": 1}),
+    "cumsum": ("CumSum", [_f(4, 2, 8), _i(2)], {}),
+    "trilu": ("Trilu", [_f(4, 4, 4)], {"upper": 0}),
+    "depth_to_space": ("DepthToSpace", [_f(4, 8, 2, 2)], {"blocksize": 2}),
     "instance_norm": ("InstanceNormalization", [_f(2, 4, 3, 3), _f(4), _f(4)], {}),
 }
 OUTPUT_TYPES = {"Split": 2, "TopK": (TensorProto.FLOAT, TensorProto.INT64)}

@@ -1,4 +1,4 @@
-"""Elementwise, broadcasting and normalization ops: follow their operand.
+"""Elementwise, broadcasting, normalization and scan-like ops: follow their operand.
 
 Pointwise ops are einsums whose letters all survive to the output (numpy broadcasting aligns
 inputs right; a size-1 input dim stays replicated). Normalizations are pointwise with their
@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from planner.flops import ELEMENTWISE
-from planner.graph import shape_of
+from planner.graph import const_array, shape_of
 from planner.mesh import LogicalMesh
 from planner.strategies.base import Strategy, StrategyContext, register
 from planner.strategies.einsum import einsum_strategies, elementwise_terms
@@ -46,3 +46,33 @@ def layer_norm(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[S
     return einsum_strategies(
         node, mesh, ctx, terms, [x] * len(node.outputs), unsplittable=set(norm)
     )
+
+
+@register("CumSum", "Trilu", follows=True)
+def along_axes(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
+    """Pointwise except along the scanned axis (CumSum) or the matrix dims (Trilu)."""
+    rank = len(shape_of(node.inputs[0]))
+    x = "abcdefgh"[:rank]
+    if node.op_type == "Trilu":
+        whole = set(x[-2:])
+    else:
+        axis = const_array(node.inputs[1])
+        whole = set(x) if axis is None else {x[int(axis.reshape(-1)[0]) % rank]}
+    terms = [x, *[None] * (len(node.inputs) - 1)]
+    return einsum_strategies(node, mesh, ctx, terms, [x], unsplittable=whole)
+
+
+@register("DepthToSpace", "SpaceToDepth", follows=True)
+def depth_space(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
+    """Channels and pixels are reshuffled together: only the batch splits."""
+    return einsum_strategies(node, mesh, ctx, ["bcde"], ["bfgh"], unsplittable=set("cdefgh"))
+
+
+@register("OneHot")
+def one_hot(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
+    """The output follows the indices; the new class axis stays whole."""
+    rank = len(shape_of(node.inputs[0]))
+    x = "abcdefgh"[:rank]
+    axis = node.attributes.get_int("axis", -1) % (rank + 1)
+    out = x[:axis] + "z" + x[axis:]
+    return einsum_strategies(node, mesh, ctx, [x, None, None], [out], unsplittable={"z"})
