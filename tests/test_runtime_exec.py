@@ -320,3 +320,39 @@ def test_bad_data_is_refused_before_any_rank_starts(plans, tmp_path, changed, me
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "step 1" not in result.stdout
+
+
+def test_vocab_parallel_embedding_and_its_gradient_run_exactly(tmp_path):
+    """Megatron's vocab-parallel embedding (rows split, masked lookup, all-reduce) and its
+    scatter-add gradient (rows split, out-of-range updates dropped) as the executor runs
+    them: the plan's wte Gather and its ScatterElements gradient are switched to those
+    strategies, and the step must still match one rank."""
+    plan_path = tmp_path / "shard.json"
+    args = ["--dim", "batch=4", "--dim", "seq=16", "--cluster", "cpu:2", "--method", "shard"]
+    result = _cli(
+        "compile",
+        str(FIXTURES / "gpt2.ts.onnx"),
+        *args,
+        "--loss",
+        "cross_entropy",
+        "--labels",
+        "labels",
+        "-o",
+        str(plan_path),
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(plan_path.read_text())
+    nodes = plan["stages"][0]["nodes"]
+    lookup = nodes["/model/transformer/wte/Gather"]
+    lookup.update(
+        inputs=["S0,R", "R,R"],
+        outputs=["R,R,R"],
+        local="vocab_parallel",
+        collectives=[{"kind": "all_reduce", "axes": [0], "reduce": "sum", "output": 0}],
+    )
+    scatter = nodes["grad//model/transformer/wte/Gather/ScatterElements"]
+    scatter.update(
+        inputs=["S0,R", "R,R", "R,R"], outputs=["S0,R"], local="vocab_parallel", collectives=[]
+    )
+    plan_path.write_text(json.dumps(plan))
+    _verify(plan_path, "gpt2.ts")
