@@ -393,6 +393,8 @@ class StageBuilder:
             if out in self.spec and state in state_specs:
                 key = self._convert(out, state_specs[state], programs["update"])
                 assigns.append((key, state))
+        programs = {phase: self._fuse(instrs) for phase, instrs in programs.items()}
+        self.segments = [i.segment for p in programs.values() for i in p if isinstance(i, Run)]
         self._finish(programs, grads, loss if loss_here else None, assigns)
         return StageProgram(
             stage.index,
@@ -406,6 +408,21 @@ class StageBuilder:
             assigns,
             self.segments,
         )
+
+    def _fuse(self, instrs: list[Instr]) -> list[Instr]:
+        """Adjacent segments (nothing runs between them, e.g. a node whose gradient
+        collective is deferred to the step's end closed the first) become one session: every
+        session call costs a fixed dispatch the step pays per micro-batch."""
+        out: list[Instr] = []
+        for ins in instrs:
+            if isinstance(ins, Run) and out and isinstance(out[-1], Run):
+                into, seg = out[-1].segment, ins.segment
+                into.nodes += seg.nodes
+                into.initializers.update(seg.initializers)
+                into.produced += seg.produced
+            else:
+                out.append(ins)
+        return out
 
     def _convert(self, name: str, want: ShardingSpec, out: list[Instr]) -> str:
         """Key of ``name`` under ``want``, appending a Reshard to ``out`` when needed."""
