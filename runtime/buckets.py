@@ -14,25 +14,30 @@ ranks of a group issue the same buckets in the same order.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from runtime.comm import Communicator, array_module, concat_blocks, split_blocks
+from runtime.comm import Communicator, array_module
 from runtime.partition import CollectiveOp
 
 BUCKET_BYTES = 25 << 20
 BUCKETED = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
-def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.ndarray:
+def bind(op: CollectiveOp, comm: Communicator) -> Callable[[np.ndarray], np.ndarray]:
+    """``op`` as a callable on one tensor (resolved once, called every micro-batch)."""
     if op.kind == "all_reduce":
-        return comm.all_reduce(x, op.group, op.reduce)
+        return lambda x: comm.all_reduce(x, op.group, op.reduce)
     if op.kind == "all_gather":
-        return comm.all_gather(x, op.group, op.dim)
+        return lambda x: comm.all_gather(x, op.group, op.dim)
     if op.kind == "reduce_scatter":
-        return comm.reduce_scatter(x, op.group, op.dim, op.reduce)
-    return comm.broadcast(x, op.group, op.group[0])
+        return lambda x: comm.reduce_scatter(x, op.group, op.dim, op.reduce)
+    return lambda x: comm.broadcast(x, op.group, op.group[0])
+
+
+def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.ndarray:
+    return bind(op, comm)(x)
 
 
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -56,12 +61,14 @@ def run_bucket(
         return [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
     xp = array_module(xs[0])
     if op.kind == "reduce_scatter":
-        # rank r's block holds piece r (along its dim) of every tensor, flattened, in order
-        rows = [
-            split_blocks(x, p, o.dim, "reduce_scatter").reshape(p, -1)
-            for o, x in zip(ops, xs, strict=True)
-        ]
-        mine = comm.reduce_scatter(xp.concatenate(rows, axis=1), op.group, 0, op.reduce)
+        # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
+        # each tensor is copied once, straight into its columns
+        spans = _offsets([x.size // p for x in xs])
+        send = xp.empty((p, spans[-1][1]), xs[0].dtype)
+        for o, x, (a, b) in zip(ops, xs, spans, strict=True):
+            pre = math.prod(x.shape[: o.dim])
+            xp.copyto(send[:, a:b].reshape(p, pre, -1), x.reshape(pre, p, -1).transpose(1, 0, 2))
+        mine = comm.reduce_scatter(send, op.group, 0, op.reduce)
         pieces = [
             tuple(n // p if d == o.dim else n for d, n in enumerate(x.shape))
             for o, x in zip(ops, xs, strict=True)
@@ -69,12 +76,17 @@ def run_bucket(
         return _unflatten(mine.reshape(-1), pieces)
     flat = xp.concatenate([x.reshape(-1) for x in xs])
     if op.kind == "all_gather":
+        # every tensor is copied once, from the ranks' rows straight into its gathered layout
         everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
-        spans = _offsets([x.size for x in xs])
-        return [
-            concat_blocks(everyone[:, a:b].reshape(p, *x.shape), o.dim)
-            for o, x, (a, b) in zip(ops, xs, spans, strict=True)
-        ]
+        out = []
+        for o, x, (a, b) in zip(ops, xs, _offsets([x.size for x in xs]), strict=True):
+            d, shape, pre = o.dim, x.shape, math.prod(x.shape[: o.dim])
+            y = xp.empty((*shape[:d], p * shape[d], *shape[d + 1 :]), x.dtype)
+            xp.copyto(
+                y.reshape(pre, p, -1), everyone[:, a:b].reshape(p, pre, -1).transpose(1, 0, 2)
+            )
+            out.append(y)
+        return out
     return _unflatten(run_collective(op, flat, comm), [x.shape for x in xs])
 
 

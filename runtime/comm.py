@@ -13,6 +13,7 @@ message naming this rank, the operation and the peers it waited for; it never ha
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import pickle
 import sys
@@ -113,22 +114,26 @@ def contiguous(x: np.ndarray) -> np.ndarray:
 
 
 def split_blocks(x: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
-    """``np.stack(np.split(x, n, dim))`` as one reshape and (for dim > 0) one copy."""
-    if x.shape[dim] % n:
-        raise ValueError(f"{what}: dim {dim} of shape {x.shape} does not split into {n} parts")
-    parts = x.reshape(*x.shape[:dim], n, x.shape[dim] // n, *x.shape[dim + 1 :])
-    return contiguous(array_module(x).moveaxis(parts, dim, 0))
+    """``np.stack(np.split(x, n, dim))`` as one reshape and (for dim > 0) one transposed copy
+    (no ``np.moveaxis``: its axis normalisation costs more than a small copy)."""
+    shape = x.shape
+    if shape[dim] % n:
+        raise ValueError(f"{what}: dim {dim} of shape {shape} does not split into {n} parts")
+    part = (*shape[:dim], shape[dim] // n, *shape[dim + 1 :])
+    if dim == 0:
+        return contiguous(x).reshape(n, *part)
+    rows = x.reshape(math.prod(shape[:dim]), n, -1)
+    return rows.transpose(1, 0, 2).copy().reshape(n, *part)
 
 
 def concat_blocks(blocks: np.ndarray, dim: int) -> np.ndarray:
     """``np.concatenate(list(blocks), dim)`` as one copy (none for dim 0)."""
-    joined = array_module(blocks).moveaxis(blocks, 0, dim)
-    shape = (
-        *joined.shape[:dim],
-        joined.shape[dim] * joined.shape[dim + 1],
-        *joined.shape[dim + 2 :],
-    )
-    return contiguous(joined).reshape(shape)
+    p, shape = blocks.shape[0], blocks.shape[1:]
+    joined = (*shape[:dim], p * shape[dim], *shape[dim + 1 :])
+    if dim == 0:
+        return blocks.reshape(joined)
+    rows = blocks.reshape(p, math.prod(shape[:dim]), -1)
+    return rows.transpose(1, 0, 2).copy().reshape(joined)
 
 
 def mean_of(total: np.ndarray, n: int) -> np.ndarray:

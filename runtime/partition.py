@@ -10,7 +10,8 @@ node's strategy performs collectives, and at phase boundaries.
 
 Final gradients whose collectives are linear (sum/mean all-reduce, reduce-scatter,
 all-gather) and that only the update phase reads are accumulated *before* those collectives,
-which then run once per step on the accumulated sum (Alpa's skipped grad-sync channels).
+which then run once per step on the accumulated sum (Alpa's skipped grad-sync channels). So
+are the sum all-reduces of a partial sum that a reshape alone turns into such a gradient.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ PHASES = ("forward", "backward", "update")
 SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Split", 1)}
 LINEAR = {"sum", "mean", None}
 VOCAB_OPS = {"Gather": 0, "ScatterND": 0, "ScatterElements": 0}  # op -> table input
+SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # elementwise-identity ops
 
 
 def parse(text: str) -> ShardingSpec:
@@ -272,6 +274,7 @@ class StageBuilder:
         self.spec: dict[str, ShardingSpec] = {}
         self.segments: list[Segment] = []
         self.graph_outputs = {v.name for v in graph.outputs}
+        self._carried: dict[str, list[CollectiveOp]] = {}  # reshape -> deferred collectives
 
     # -- tensor facts -------------------------------------------------------------------
 
@@ -413,6 +416,8 @@ class StageBuilder:
             if out in self.spec and state in state_specs:
                 key = self._convert(out, state_specs[state], programs["update"])
                 assigns.append((key, state))
+        programs = {phase: self._fuse(instrs) for phase, instrs in programs.items()}
+        self.segments = [i.segment for p in programs.values() for i in p if isinstance(i, Run)]
         self._finish(programs, grads, loss if loss_here else None, assigns)
         return StageProgram(
             stage.index,
@@ -426,6 +431,21 @@ class StageBuilder:
             assigns,
             self.segments,
         )
+
+    def _fuse(self, instrs: list[Instr]) -> list[Instr]:
+        """Adjacent segments (nothing runs between them, e.g. a node whose gradient
+        collective is deferred to the step's end closed the first) become one session: every
+        session call costs a fixed dispatch the step pays per micro-batch."""
+        out: list[Instr] = []
+        for ins in instrs:
+            if isinstance(ins, Run) and out and isinstance(out[-1], Run):
+                into, seg = out[-1].segment, ins.segment
+                into.nodes += seg.nodes
+                into.initializers.update(seg.initializers)
+                into.produced += seg.produced
+            else:
+                out.append(ins)
+        return out
 
     def _convert(self, name: str, want: ShardingSpec, out: list[Instr]) -> str:
         """Key of ``name`` under ``want``, appending a Reshard to ``out`` when needed."""
@@ -551,11 +571,12 @@ class StageBuilder:
                 if v.name in sends:
                     pending_sends.append(v.name)
             if np_.collectives:
-                close(self._collects(node, np_, grads))
+                close(self._collects(node, np_, grads, sends))
             else:
                 for v in node.outputs:
                     if v.name and role_of(v) is Role.GRAD and self.phase[name] == "backward":
-                        grads.append(GradAccumulator(v.name, [], self.spec[v.name]))
+                        carried = self._carried.pop(name, [])
+                        grads.append(GradAccumulator(v.name, carried, self.spec[v.name]))
         close()
         return instrs
 
@@ -566,7 +587,32 @@ class StageBuilder:
             out.append(Send(key, index, mine))
         return out
 
-    def _collects(self, node: ir.Node, np_: NodePlan, grads: list[GradAccumulator]):
+    def _reshaped_grad(self, v: ir.Value, cs: list[Collective], sends) -> ir.Node | None:
+        """The reshape that turns ``v`` into a gradient only the update reads, when ``v``'s
+        collectives (sum/mean all-reduces) may as well run on that gradient: a reshape commutes
+        with a sum, so they join the deferred, bucketed gradient sync instead of running every
+        micro-batch (typically a bias or norm gradient, a ReduceSum's partial sum reshaped)."""
+        uses = list(v.uses())
+        if len(uses) != 1 or v.name in sends:
+            return None
+        if not all(c.kind == "all_reduce" and c.reduce in LINEAR for c in cs):
+            return None
+        user, slot = uses[0]
+        plan = self.stage.nodes.get(user.name or "")
+        if user.op_type not in SHAPE_ONLY or slot != 0 or plan is None or plan.collectives:
+            return None
+        if self.phase[user.name or ""] != "backward" or not plan.inputs or not plan.inputs[0]:
+            return None
+        if not same(parse(plan.inputs[0]), self.spec[v.name or ""]):
+            return None  # a reshard in between would see the partial sums
+        grad = user.outputs[0]
+        if role_of(grad) is not Role.GRAD or grad.name in sends:
+            return None
+        return user if all(self.phase[u.name or ""] == "update" for u, _ in grad.uses()) else None
+
+    def _collects(
+        self, node: ir.Node, np_: NodePlan, grads: list[GradAccumulator], sends
+    ) -> list[Instr]:
         by_output: dict[int, list[Collective]] = {}
         for c in np_.collectives:
             if c.output >= len(node.outputs):
@@ -589,7 +635,12 @@ class StageBuilder:
                 grads.append(
                     GradAccumulator(v.name or "", ops if deferred else [], self.spec[v.name or ""])
                 )
-            if not deferred:
+            if deferred:
+                continue
+            through = self._reshaped_grad(v, cs, sends) if role_of(v) is not Role.GRAD else None
+            if through is not None and self.phase[node.name or ""] == "backward":
+                self._carried[through.name or ""] = ops
+            else:
                 instrs.append(Collect(v.name or "", ops))
         return instrs
 

@@ -10,6 +10,7 @@ first rank of that axis and zeros elsewhere. Every collective runs over one mesh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,30 +71,62 @@ def program(src: ShardingSpec, dst: ShardingSpec) -> list[Step]:
     return steps
 
 
+Fn = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _step_fn(s: Step, mesh: RankMesh, device: int, comm: Communicator) -> Fn | None:
+    """One step bound to this rank's group and coords (None: nothing to do here)."""
+    group = tuple(mesh.group(device, (s.axis,)))
+    if s.kind == "all_reduce":
+        return lambda x: comm.all_reduce(x, group, "sum")
+    if s.kind == "reduce_scatter":
+        return lambda x: comm.reduce_scatter(x, group, s.dim, "sum")
+    if s.kind == "all_gather":
+        return lambda x: comm.all_gather(x, group, s.dim)
+    if s.kind == "all_to_all":
+        # the block splits along the dim that gains the axis and joins along the one that
+        # loses it
+        return lambda x: comm.all_to_all(x, group, s.to_dim, s.dim)
+    coord = mesh.coords(device)[s.axis]
+    if s.kind == "slice":
+        n, lead = mesh.shape[s.axis], (slice(None),) * s.dim
+
+        def take(x: np.ndarray) -> np.ndarray:
+            size = x.shape[s.dim] // n
+            return contiguous(x[(*lead, slice(coord * size, (coord + 1) * size))])
+
+        return take
+    # "zero": only the first rank of the axis keeps the addend
+    return (lambda x: array_module(x).zeros_like(x)) if coord else None
+
+
+def bind(steps: list[Step], mesh: RankMesh, device: int, comm: Communicator) -> Fn:
+    """A resharding program as one callable on this rank's block, every group, index and
+    coordinate resolved once (the executor calls it every micro-batch)."""
+    return compose([f for f in (_step_fn(s, mesh, device, comm) for s in steps) if f])
+
+
+def compose(fns: list[Fn]) -> Fn:
+    """``fns`` applied in order, as one callable."""
+    if not fns:
+        return _identity
+    if len(fns) == 1:
+        return fns[0]
+
+    def chain(x: np.ndarray) -> np.ndarray:
+        for f in fns:
+            x = f(x)
+        return x
+
+    return chain
+
+
 def apply(
     x: np.ndarray, steps: list[Step], mesh: RankMesh, device: int, comm: Communicator
 ) -> np.ndarray:
-    """Run a resharding program on this rank's block (a numpy or cupy array, kept where it
-    is: collectives, slices and zeros stay on the array's device)."""
-    coords = mesh.coords(device)
-    for s in steps:
-        group = tuple(mesh.group(device, (s.axis,)))
-        if s.kind == "all_reduce":
-            x = comm.all_reduce(x, group, "sum")
-        elif s.kind == "reduce_scatter":
-            x = comm.reduce_scatter(x, group, s.dim, "sum")
-        elif s.kind == "all_gather":
-            x = comm.all_gather(x, group, s.dim)
-        elif s.kind == "all_to_all":
-            # the block splits along the dim that gains the axis and joins along the one
-            # that loses it
-            x = comm.all_to_all(x, group, s.to_dim, s.dim)
-        elif s.kind == "slice":
-            n = mesh.shape[s.axis]
-            size = x.shape[s.dim] // n
-            index = [slice(None)] * x.ndim
-            index[s.dim] = slice(coords[s.axis] * size, (coords[s.axis] + 1) * size)
-            x = contiguous(x[tuple(index)])
-        elif coords[s.axis]:  # "zero": only the first rank of the axis keeps the addend
-            x = array_module(x).zeros_like(x)
-    return x
+    """Run a resharding program on this rank's block."""
+    return bind(steps, mesh, device, comm)(x)

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
-from runtime.buckets import BUCKETED, run_collective, sync
+from runtime.buckets import BUCKETED, bind, sync
 from runtime.comm import Communicator, MpiCommunicator, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
 from runtime.launch import PID_DIR
@@ -87,10 +88,26 @@ class Job:
     checkpoints: Checkpointing | None = None
 
 
+Op = Callable[[dict[str, np.ndarray], int], None]  # (env, micro-batch) -> None
+
+
+def _session_call(session) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]:
+    """``session.run`` without the Python wrapper's per-call checks of the feed names (the
+    executor built the feeds from the session's own inputs): the pybind call itself."""
+    inner = getattr(session, "_sess", None)
+    if inner is None or not hasattr(inner, "run"):
+        return session.run
+    return lambda outputs, feeds: inner.run(outputs, feeds, None)
+
+
 class StageRunner:
     """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update.
-    Tensors are the communicator's arrays (``comm.xp``): state and data are copied to the
-    device once, everything after stays there."""
+
+    Each instruction is bound once, here, to a callable on (env, micro-batch) with its
+    session, groups, keys and indices resolved, so a step is a flat walk over callables: the
+    step loop pays Python dispatch per instruction, not per lookup. An env starts as a copy of
+    the state dict (a shallow copy of references), so every key is one dict lookup.
+    """
 
     def __init__(
         self,
@@ -107,7 +124,10 @@ class StageRunner:
             for name, spec in program.state_specs.items()
         }
         self.timers = Timers()
-        self.programs = {phase: self._batched(instrs) for phase, instrs in program.programs.items()}
+        self.programs = {
+            phase: [self._bind(ins) for ins in self._batched(instrs)]
+            for phase, instrs in program.programs.items()
+        }
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
@@ -131,83 +151,135 @@ class StageRunner:
         group = tuple(self.p.mesh.group(self.p.device, (step.axis,)))
         return CollectiveOp(step.kind, group, "sum", step.dim)
 
-    def _get(self, env: dict[str, np.ndarray], key: str) -> np.ndarray:
-        return env[key] if key in env else self.state[key]
+    def _bind(self, ins: Instr | list[Reshard]) -> tuple[str, Op]:
+        """(timer, callable) of one instruction; "compute" callables time themselves (only
+        the onnxruntime call), the others are timed whole by ``run``."""
+        comm = self.comm
+        if isinstance(ins, Run):
+            return "compute", self._bind_run(ins)
+        if isinstance(ins, list) and len(ins) == 1:
+            ins = ins[0]
+        if isinstance(ins, list):
+            srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
+            ops = [[self._op(r.steps[0])] for r in ins]
+
+            def bucketed(env: dict[str, np.ndarray], m: int) -> None:
+                env.update(zip(dsts, sync([env[k] for k in srcs], ops, comm), strict=True))
+
+            return "collective", bucketed
+        if isinstance(ins, Reshard | Collect):
+            if isinstance(ins, Reshard):
+                src, dst = ins.src, ins.dst
+                fn = reshard.bind(ins.steps, self.p.mesh, self.p.device, comm)
+            else:
+                src = dst = ins.key
+                fn = reshard.compose([bind(op, comm) for op in ins.ops])
+
+            def convert(env: dict[str, np.ndarray], m: int) -> None:
+                env[dst] = fn(env[src])
+
+            return "collective", convert
+        if isinstance(ins, Send):
+            key, tag, m_count = ins.key, ins.tag, self.m
+            sends = [(p.src_index, p.dst) for p in ins.pieces]
+
+            def send(env: dict[str, np.ndarray], m: int) -> None:
+                x = env[key]
+                for index, dst in sends:
+                    comm.send(x[index], dst, tag * m_count + m)
+
+            return "p2p", send
+        return "p2p", self._bind_recv(ins)
+
+    def _bind_run(self, ins: Run) -> Op:
+        seg = ins.segment
+        assert seg.session is not None
+        inputs, outputs, t = tuple(seg.inputs), list(seg.outputs), self.timers
+        session_run = _session_call(seg.session)
+        clock = time.perf_counter
+
+        def run(env: dict[str, np.ndarray], m: int) -> None:
+            feeds = {k: env[k] for k in inputs}
+            start = clock()
+            values = session_run(outputs, feeds)
+            t.compute += clock() - start
+            env.update(zip(outputs, values, strict=True))
+
+        return run
+
+    def _bind_recv(self, ins: Recv) -> Op:
+        comm, key, tag, m_count = self.comm, ins.key, ins.tag, self.m
+        shape, dtype, xp = ins.shape, ins.dtype, self.comm.xp
+        zero = reshard.bind(ins.zero, self.p.mesh, self.p.device, comm)
+        whole = tuple(slice(0, n) for n in shape)
+        if len(ins.pieces) == 1 and ins.pieces[0].dst_index == whole:
+            src = ins.pieces[0].src
+
+            def recv_whole(env: dict[str, np.ndarray], m: int) -> None:
+                buf = xp.empty(shape, dtype)
+                comm.recv(buf, src, tag * m_count + m)
+                env[key] = zero(buf)
+
+            return recv_whole
+        parts = [(p.src, p.dst_index) for p in ins.pieces]
+
+        def recv(env: dict[str, np.ndarray], m: int) -> None:
+            buf = xp.empty(shape, dtype)
+            for src, index in parts:
+                part = xp.empty(buf[index].shape, dtype)
+                comm.recv(part, src, tag * m_count + m)
+                buf[index] = part
+            env[key] = zero(buf)
+
+        return recv
 
     def run(self, phase: str, env: dict[str, np.ndarray], m: int) -> None:
         t = self.timers
-        for ins in self.programs[phase]:
-            start = time.perf_counter()
-            if isinstance(ins, list):
-                xs = [self._get(env, r.src) for r in ins]
-                synced = sync(xs, [[self._op(r.steps[0])] for r in ins], self.comm)
-                env.update(zip((r.dst for r in ins), synced, strict=True))
-            elif isinstance(ins, Run):
-                seg = ins.segment
-                assert seg.session is not None
-                feeds = {k: self._get(env, k) for k in seg.inputs}
-                env.update(zip(seg.outputs, seg.session.run(seg.outputs, feeds), strict=True))
-                t.compute += time.perf_counter() - start
+        clock = time.perf_counter
+        for kind, fn in self.programs[phase]:
+            if kind == "compute":
+                fn(env, m)
                 continue
-            elif isinstance(ins, Reshard):
-                env[ins.dst] = reshard.apply(
-                    self._get(env, ins.src), ins.steps, self.p.mesh, self.p.device, self.comm
-                )
-            elif isinstance(ins, Collect):
-                x = self._get(env, ins.key)
-                for op in ins.ops:
-                    x = run_collective(op, x, self.comm)
-                env[ins.key] = x
-            elif isinstance(ins, Send):
-                x = self._get(env, ins.key)
-                for piece in ins.pieces:
-                    self.comm.send(x[piece.src_index], piece.dst, ins.tag * self.m + m)
-            elif isinstance(ins, Recv):
-                buf = self.comm.xp.empty(ins.shape, ins.dtype)
-                for piece in ins.pieces:
-                    part = self.comm.xp.empty(buf[piece.dst_index].shape, ins.dtype)
-                    self.comm.recv(part, piece.src, ins.tag * self.m + m)
-                    buf[piece.dst_index] = part
-                env[ins.key] = reshard.apply(buf, ins.zero, self.p.mesh, self.p.device, self.comm)
-            elapsed = time.perf_counter() - start
-            if isinstance(ins, Send | Recv):
-                t.p2p += elapsed
+            start = clock()
+            fn(env, m)
+            if kind == "p2p":
+                t.p2p += clock() - start
             else:
-                t.collective += elapsed
+                t.collective += clock() - start
 
     def step(self, batch: dict[str, np.ndarray], kind: str, stages: int):
         """One training step; returns (mean loss or None, final grads by key)."""
-        borrowed: dict[str, np.ndarray] = {}
+        borrowed = dict(self.state)
         self.run("prologue", borrowed, 0)
         self.state.update(borrowed)
         envs: dict[int, dict[str, np.ndarray]] = {}
         acc: dict[str, np.ndarray] = {}
         losses = []
-        for task, m in schedule(kind, self.p.stage, stages, self.m):
+        p = self.p
+        for task, m in schedule(kind, p.stage, stages, self.m):
             if task == "F":
                 mb = microbatch(batch, m, self.m)
-                env = envs[m] = {
-                    name: self.comm.to_device(shard(mb[name], spec, self.p.mesh, self.p.device))
-                    for name, spec in self.p.data_specs.items()
-                }
+                env = envs[m] = dict(self.state)
+                for name, spec in p.data_specs.items():
+                    env[name] = self.comm.to_device(shard(mb[name], spec, p.mesh, p.device))
                 self.run("forward", env, m)
-                if self.p.loss is not None:
-                    losses.append(env[self.p.loss])  # read after the step: no sync per task
+                if p.loss is not None:
+                    losses.append(env[p.loss])  # read after the step: no sync per task
             else:
                 env = envs.pop(m)
                 self.run("backward", env, m)
-                for g in self.p.grads:
+                for g in p.grads:
                     acc[g.key] = acc[g.key] + env[g.key] if g.key in acc else env[g.key]
-        step_env: dict[str, np.ndarray] = {}
+        step_env = dict(self.state)
         start = time.perf_counter()
-        grads = self.p.grads
+        grads = p.grads
         if self.m > 1:
             acc = {g.key: acc[g.key] / acc[g.key].dtype.type(self.m) for g in grads}
         synced = sync([acc[g.key] for g in grads], [g.deferred for g in grads], self.comm)
         step_env.update(zip((g.key for g in grads), synced, strict=True))
         self.timers.collective += time.perf_counter() - start
         self.run("update", step_env, 0)
-        for key, state in self.p.assigns:
+        for key, state in p.assigns:
             self.state[state] = step_env[key]
         start = time.perf_counter()
         self.comm.wait_sends()

@@ -216,7 +216,7 @@ def test_helpers_use_the_array_module_of_their_input(monkeypatch):
     mesh = RankMesh((2,), (0, 1))
     zeroed = reshard.apply(fake, [reshard.Step("zero", 0)], mesh, 1, comm=None)
     assert type(zeroed) is _Fake and not zeroed.any()
-    assert sys.modules["cupy"].called == ["moveaxis", "moveaxis", "zeros_like"]
+    assert sys.modules["cupy"].called == ["zeros_like"]  # split/concat: the array's methods
     ops = [CollectiveOp("all_reduce", (0, 1), "sum", None)] * 2
     synced = run_bucket(ops, [fake[0], fake[1, :2]], _Doubling())
     assert [type(y) for y in synced] == [_Fake, _Fake]
