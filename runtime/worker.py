@@ -281,7 +281,7 @@ class StageRunner:
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
-        loss = float(np.mean(losses)) if losses else None
+        loss = sum(losses) / len(losses) if losses else None
         return loss, step_env
 
     def gather(self, key: str, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
