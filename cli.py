@@ -317,17 +317,37 @@ def verify_cmd(plan: str, model: str, data: str | None, backend: str) -> None:
 @click.option(
     "--budget", type=float, default=0.05, show_default=True, help="Seconds spent per measurement."
 )
+@click.option(
+    "--workload",
+    "workloads",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A one-device plan (compile --cluster cpu:1 --microbatches 1) whose training step "
+    "calibrates the roofline (repeatable: two sizes also calibrate the per-op cost); "
+    "needs --model.",
+)
+@click.option("--model", type=click.Path(dir_okay=False), help="The --workload plan's model.")
 @user_errors
-def profile_cmd(cluster_spec: str, output: str, threads: int, budget: float) -> None:
-    """Measure this machine's ranks (FLOP/s, memory bandwidth, per-op latency, MPI alpha and
-    bandwidth) and write a cluster yaml for `compile --cluster FILE`."""
+def profile_cmd(
+    cluster_spec: str,
+    output: str,
+    threads: int,
+    budget: float,
+    workloads: tuple[str, ...],
+    model: str | None,
+) -> None:
+    """Measure this machine's ranks (FLOP/s, memory bandwidth, per-op latency, executor
+    dispatch, synchronisation, MPI alpha and bandwidth) and write a cluster yaml for
+    `compile --cluster FILE`."""
     from cost_models.profile import profile
 
-    c = profile(cluster_spec, output, threads, budget)
+    c = profile(cluster_spec, output, threads, budget, workloads, model)
     d = c.device
     click.echo(
         f"wrote {output}: {d.peak_flops['float32'] / 1e9:.3g} GFLOP/s, "
-        f"{d.memory_bandwidth / 1e9:.3g} GB/s, {d.kernel_latency * 1e6:.3g} us/op, link "
+        f"{d.memory_bandwidth / 1e9:.3g} GB/s, {d.kernel_latency * 1e6:.3g} us/op, "
+        f"{d.dispatch_latency * 1e6:.3g} us/instruction, efficiency {d.compute_efficiency:.2f} "
+        "in lockstep, link "
         f"{c.intra_host.bandwidth / 1e9:.3g} GB/s + {c.intra_host.latency * 1e6:.3g} us"
     )
 

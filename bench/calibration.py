@@ -1,7 +1,8 @@
 """Does the calibrated CPU cost model rank and size plans like the executor does?
 
-Profiles this machine (``alpa-plan profile``), compiles several plans of one model for the
-measured cluster, runs each with ``alpa-plan run`` and tabulates predicted vs measured
+Profiles this machine (``alpa-plan profile``, with the model's one-device training step as the
+workload that calibrates the roofline), compiles several plans of one model for the measured
+cluster, runs each with ``alpa-plan run`` and tabulates predicted vs measured
 iteration time: Spearman rank correlation (does the planner order plans right?) and median
 relative error (are its seconds right?). Ranks run one onnxruntime thread each
 (``ALPA_ORT_THREADS=1``), as profiled.
@@ -17,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,23 @@ def cli(*args: str, env: dict | None = None) -> str:
     return proc.stdout.strip()
 
 
+def _scaled(dim: str, scale: int) -> str:
+    """``batch=N`` -> ``batch=N/scale``; other arguments unchanged."""
+    name, _, value = dim.partition("=")
+    return f"batch={max(1, int(value) // scale)}" if name == "batch" else dim
+
+
+def _breakdown(report: dict) -> str:
+    """Slowest stage's predicted vs measured compute and communication, ms per iteration."""
+    stage = max(report["stages"], key=lambda s: s["measured"]["wall"])
+    p, m = stage["predicted"], stage["measured"]
+    return (
+        f"{p.get('compute', 0) * 1e3:.1f} / {m['compute'] * 1e3:.1f} | "
+        f"{p.get('communication', 0) * 1e3 + p.get('bubble', 0) * 1e3:.1f} / "
+        f"{m['communication'] * 1e3:.1f} | {m['overhead'] * 1e3:.1f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "CALIBRATION.md")
@@ -90,18 +107,41 @@ def main() -> None:
     parser.add_argument("--dim", action="append", default=None, help="NAME=N (repeatable)")
     parser.add_argument("--cluster", default="cpu:2")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per plan, round-robin (median shown)"
+    )
+    parser.add_argument("--keep", type=Path, help="keep the profile, plans and reports here")
     args = parser.parse_args()
     dims = [x for d in (args.dim or ["batch=16", "seq=32"]) for x in ("--dim", d)]
     env = {"ALPA_ORT_THREADS": "1"}
     load = [os.getloadavg()[0]]
-    rows = []
     with tempfile.TemporaryDirectory(prefix="alpa-calibration-") as tmp:
-        measured = Path(tmp) / "measured.yaml"
-        profiled = cli("profile", "--cluster", args.cluster, "-o", str(measured), env=env)
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        measured = folder / "measured.yaml"
+        # The model's one-device training step at two batch sizes calibrates the roofline's
+        # rates and per-op cost (see `alpa-plan profile --workload`).
+        workloads = []
+        for scale in (1, 4):
+            path = folder / f"workload-{scale}.json"
+            scaled = [_scaled(d, scale) for d in dims]
+            cli("compile", args.model, *scaled, "--cluster", "cpu:1", *TRAINING, "-o", str(path))
+            workloads += ["--workload", str(path)]
+        profiled = cli(
+            "profile",
+            "--cluster",
+            args.cluster,
+            "-o",
+            str(measured),
+            *workloads,
+            "--model",
+            args.model,
+            env=env,
+        )
         print(profiled, flush=True)
         cluster_yaml = measured.read_text()
+        plans = {name: folder / f"{name.replace(' ', '-')}.json" for name in PLANS}
         for name, extra in PLANS.items():
-            plan = Path(tmp) / f"{name.replace(' ', '-')}.json"
             cli(
                 "compile",
                 args.model,
@@ -111,16 +151,25 @@ def main() -> None:
                 *TRAINING,
                 *extra,
                 "-o",
-                str(plan),
+                str(plans[name]),
             )
-            start = time.perf_counter()
-            cli("run", str(plan), "--model", args.model, "--steps", str(args.steps), env=env)
-            report = json.loads(plan.with_suffix(".run.json").read_text())
-            it = report["iteration_time"]
-            rows.append((name, it["predicted"], it["measured"], time.perf_counter() - start))
+        runs: dict[str, list[dict]] = {name: [] for name in PLANS}
+        # round-robin, so a change of the machine's load hits every plan alike
+        for _ in range(args.rounds):
+            for name, plan in plans.items():
+                cli("run", str(plan), "--model", args.model, "--steps", str(args.steps), env=env)
+                runs[name].append(json.loads(plan.with_suffix(".run.json").read_text()))
+        rows = []
+        for name, reports in runs.items():
+            reports.sort(key=lambda r: r["iteration_time"]["measured"])
+            median = reports[len(reports) // 2]
+            it = median["iteration_time"]
+            rows.append((name, it["predicted"], it["measured"], _breakdown(median)))
             print(
                 f"{name}: predicted {it['predicted'] * 1e3:.2f} ms, measured "
-                f"{it['measured'] * 1e3:.2f} ms",
+                f"{it['measured'] * 1e3:.2f} ms (runs: "
+                + ", ".join(f"{r['iteration_time']['measured'] * 1e3:.1f}" for r in reports)
+                + ")",
                 flush=True,
             )
     load.append(os.getloadavg()[0])
@@ -132,18 +181,23 @@ def main() -> None:
         "# Cost-model calibration on this machine",
         "",
         f"`python bench/calibration.py` — model `{args.model}` ({' '.join(dims)}), cluster "
-        f"`{args.cluster}` profiled by `alpa-plan profile`, {args.steps} steps per plan "
-        "(measured = mean step wall time after the first, from `PLAN.run.json`), "
-        f"`ALPA_ORT_THREADS=1`. Load average {load[0]:.1f} before, {load[1]:.1f} after "
-        f"on {os.cpu_count()} CPUs.",
+        f"`{args.cluster}` profiled by `alpa-plan profile`, {args.steps} steps per run "
+        "(measured = mean step wall time after the first, from `PLAN.run.json`), the median "
+        f"of {args.rounds} runs per plan taken round-robin, `ALPA_ORT_THREADS=1`. Load "
+        f"average {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} CPUs.",
         "",
         f"Profile: {profiled}",
         "",
-        "| plan | predicted ms/iter | measured ms/iter | relative error |",
-        "|---|---:|---:|---:|",
+        "Compute and communication (predicted / measured, ms per iteration) are the slowest "
+        "stage's; predicted communication includes its pipeline bubble, measured includes "
+        "waiting for peers; overhead is the executor's own time (see `bench/runtime_overhead.py`).",
+        "",
+        "| plan | predicted ms/iter | measured ms/iter | relative error | compute | "
+        "communication | overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {n} | {p * 1e3:.2f} | {m * 1e3:.2f} | {e:.0%} |"
-            for (n, p, m, _), e in zip(rows, rel, strict=True)
+            f"| {n} | {p * 1e3:.2f} | {m * 1e3:.2f} | {e:.0%} | {b} |"
+            for (n, p, m, b), e in zip(rows, rel, strict=True)
         ),
         "",
         f"**Spearman rank correlation {rho:.3f}** (target >= 0.9), "
@@ -157,7 +211,7 @@ def main() -> None:
         "",
     ]
     args.out.write_text("\n".join(lines))
-    print("\n".join(lines[6 : 10 + len(rows)]))
+    print("\n".join(lines[10 : 14 + len(rows)]))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ class Device(_Strict):
     compute_efficiency: float = Field(0.7, gt=0, le=1, description="achieved / peak FLOP/s")
     memory_efficiency: float = Field(0.7, gt=0, le=1, description="achieved / peak bytes/s")
     kernel_latency: float = Field(5e-6, ge=0, description="seconds of fixed cost per op")
+    dispatch_latency: float = Field(
+        0.0,
+        ge=0,
+        description="seconds the executor spends per communication instruction besides the "
+        "transfer: dispatching it, and the extra session call of the segment boundary it makes",
+    )
 
 
 class Cluster(_Strict):

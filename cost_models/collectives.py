@@ -9,6 +9,10 @@ Formulas (p ranks on the axis, n bytes, alpha latency, B per-rank bandwidth; pee
 - send/recv:                   alpha +            n/B
 - broadcast:        ceil(log2 p)·alpha +          n/B
 
+Every collective and send also costs the link's ``dispatch`` once per call: what the executor
+spends on the instruction besides the transfer (``Device.dispatch_latency``, see there).
+Bucketed gradient collectives pay it once per bucket, like alpha.
+
 An axis whose ranks sit on several hosts is *hierarchical*: g ranks per host on k hosts. Its
 collectives run the intra-host part on the host link and the inter-host part on the network,
 where all ranks of a host that talk across hosts at once share the host's bandwidth
@@ -37,6 +41,7 @@ class AxisLink:
     intra_bw: float  # bytes/s per rank
     inter_alpha: float
     inter_bw: float  # bytes/s per rank when all concurrent cross-host ranks of a host talk
+    dispatch: float = 0.0  # seconds per call on the executor's side (Device.dispatch_latency)
 
     @property
     def crosses_hosts(self) -> bool:
@@ -62,12 +67,13 @@ def axis_link(cluster: Cluster, device_ids: np.ndarray, axis: int) -> AxisLink:
         intra_bw=cluster.intra_host.bandwidth,
         inter_alpha=cluster.inter_host.latency,
         inter_bw=cluster.inter_host.bandwidth / concurrent,
+        dispatch=cluster.device.dispatch_latency,
     )
 
 
-def flat_link(size: int, alpha: float, bandwidth: float) -> AxisLink:
+def flat_link(size: int, alpha: float, bandwidth: float, dispatch: float = 0.0) -> AxisLink:
     """A single-host axis: the textbook ring (used by tests and closed-form oracles)."""
-    return AxisLink(size, size, 1, alpha, bandwidth, alpha, bandwidth)
+    return AxisLink(size, size, 1, alpha, bandwidth, alpha, bandwidth, dispatch)
 
 
 def _ring(p: int, n: float, alpha: float, bw: float, factor: float) -> float:
@@ -80,10 +86,12 @@ def all_reduce(n: float, link: AxisLink) -> float:
     if link.size <= 1 or n <= 0:
         return 0.0
     if not link.crosses_hosts:
-        return _ring(link.size, n, link.intra_alpha, link.intra_bw, 2.0)
+        return link.dispatch + _ring(link.size, n, link.intra_alpha, link.intra_bw, 2.0)
     g, k = link.per_host, link.hosts
-    return _ring(g, n, link.intra_alpha, link.intra_bw, 2.0) + _ring(
-        k, n / g, link.inter_alpha, link.inter_bw, 2.0
+    return (
+        link.dispatch
+        + _ring(g, n, link.intra_alpha, link.intra_bw, 2.0)
+        + _ring(k, n / g, link.inter_alpha, link.inter_bw, 2.0)
     )
 
 
@@ -92,10 +100,12 @@ def all_gather(n: float, link: AxisLink) -> float:
     if link.size <= 1 or n <= 0:
         return 0.0
     if not link.crosses_hosts:
-        return _ring(link.size, n, link.intra_alpha, link.intra_bw, 1.0)
+        return link.dispatch + _ring(link.size, n, link.intra_alpha, link.intra_bw, 1.0)
     g, k = link.per_host, link.hosts
-    return _ring(k, n / g, link.inter_alpha, link.inter_bw, 1.0) + _ring(
-        g, n, link.intra_alpha, link.intra_bw, 1.0
+    return (
+        link.dispatch
+        + _ring(k, n / g, link.inter_alpha, link.inter_bw, 1.0)
+        + _ring(g, n, link.intra_alpha, link.intra_bw, 1.0)
     )
 
 
@@ -114,12 +124,12 @@ def all_to_all(n: float, link: AxisLink) -> float:
         off = (link.hosts - 1) / link.hosts
         t = n * (1 - off) * (link.size - 1) / link.size / link.intra_bw
         t = max(t, n * off / link.inter_bw)
-        return (link.size - 1) * alpha + t
-    return _ring(link.size, n, alpha, link.intra_bw, 1.0)
+        return link.dispatch + (link.size - 1) * alpha + t
+    return link.dispatch + _ring(link.size, n, alpha, link.intra_bw, 1.0)
 
 
-def send_recv(n: float, alpha: float, bandwidth: float) -> float:
-    return alpha + n / bandwidth if n > 0 else 0.0
+def send_recv(n: float, alpha: float, bandwidth: float, dispatch: float = 0.0) -> float:
+    return dispatch + alpha + n / bandwidth if n > 0 else 0.0
 
 
 def broadcast(n: float, link: AxisLink) -> float:
@@ -127,7 +137,7 @@ def broadcast(n: float, link: AxisLink) -> float:
         return 0.0
     alpha = link.inter_alpha if link.crosses_hosts else link.intra_alpha
     bw = min(link.intra_bw, link.inter_bw) if link.crosses_hosts else link.intra_bw
-    return math.ceil(math.log2(link.size)) * alpha + n / bw
+    return link.dispatch + math.ceil(math.log2(link.size)) * alpha + n / bw
 
 
 COLLECTIVES = {

@@ -6,14 +6,24 @@ yaml that ``compile --cluster FILE`` accepts:
 
 - compute: onnxruntime MatMul sessions at a few sizes, on every rank at once with the
   executor's thread count; peak = best achieved FLOP/s per dtype;
-- memory bandwidth: a large elementwise Add (3 x n x 4 bytes moved);
+- memory bandwidth: the slope of session time over a chain of Adds of 512 KiB tensors
+  (3 x n x 4 bytes moved per Add; the per-call cost left out);
 - kernel latency: the slope of session time over a chain of tiny Adds (cost per extra op);
+- dispatch latency: what the executor (its own ``StageRunner``) pays per communication
+  instruction besides the transfer: the instruction, and the session call it splits off;
+- synchronisation: the share of its rate a rank keeps when all ranks wait for each other at
+  every collective (stored as the compute and memory efficiencies);
+- workloads (optional): one-device training steps of the model to plan, run by the executor;
+  their measured time against the roofline's gives the share of the rates real graphs get
+  (stored in the efficiencies) and, from two or more sizes, what every op pays (stored as
+  ``kernel_latency``: real ops cost more than a tiny Add);
 - links: all-reduce / all-gather / reduce-scatter / send-recv at several sizes through the
   executor's MPI communicator, alpha and bandwidth fitted by least squares on relative error
   to the very formulas of ``cost_models.collectives``.
 
-Measured rates are stored as the peak with efficiency 1.0: the yaml then says what this
-machine achieves, and ``peak * efficiency`` in the roofline is the measured rate unchanged.
+Measured rates are stored as the peak and the synchronisation share as the efficiency: the
+yaml then says what this machine achieves, and ``peak * efficiency`` in the roofline is the
+rate a rank keeps in a synchronous step.
 Simulated hosts (``cpu:HxN``) share one machine's transport, so both links get the fitted one.
 """
 
@@ -35,7 +45,7 @@ from cost_models.cluster import Cluster, cluster_from_dict, resolve_cluster
 from planner.errors import UserError
 
 MATMUL_SIZES = {"float32": (64, 128, 256, 512), "float64": (128, 256)}
-ADD_ELEMENTS = 1 << 22
+ADD_ELEMENTS = 1 << 17  # 512 KiB per tensor: activations of the size a step's ops touch
 CHAIN_OPS = 64
 
 
@@ -125,7 +135,10 @@ def measure_compute(
             barrier()
             flops[dtype][n] = 2 * n**3 / mean_seconds(matmul_runner(n, dtype, threads), budget)
     barrier()
-    bandwidth = 3 * ADD_ELEMENTS * 4 / add_chain_seconds(1, ADD_ELEMENTS, threads, budget)
+    chained = add_chain_seconds(CHAIN_OPS // 4 + 1, ADD_ELEMENTS, threads, budget)
+    barrier()
+    single = add_chain_seconds(1, ADD_ELEMENTS, threads, budget)
+    bandwidth = 3 * ADD_ELEMENTS * 4 * (CHAIN_OPS // 4) / max(chained - single, 1e-9)
     barrier()
     one = add_chain_seconds(1, 16, threads, budget)
     barrier()
@@ -168,8 +181,50 @@ def fit_link(samples: Sequence[dict]) -> tuple[float, float, float]:
     return float(alpha), float(1.0 / inv_bw), error
 
 
-def cluster_from_measurements(base: Cluster, measured: dict) -> tuple[Cluster, dict]:
-    """The base cluster with measured device rates and links; also a summary for the yaml."""
+def roofline_parts(graph, device) -> tuple[float, int]:
+    """(sum of the roofline's rate-bound terms at efficiency 1, number of ops that do work)
+    over the nodes of one training step, each node once."""
+    from cost_models.compute import op_time
+    from planner.flops import node_bytes, node_flops
+
+    ideal = device.model_copy(
+        update={"compute_efficiency": 1.0, "memory_efficiency": 1.0, "kernel_latency": 0.0}
+    )
+    bound, ops = 0.0, 0
+    for node in graph:
+        if node.op_type == "Constant":
+            continue
+        t = op_time(node_flops(node), node_bytes(node), ideal)
+        bound += t
+        ops += t > 0
+    return bound, ops
+
+
+def fit_workloads(parts: Sequence[tuple[float, int]], seconds: Sequence[float], latency: float):
+    """(share of the roofline's rates real graphs get, seconds per op) so that each workload's
+    ``seconds = bound / share + ops * per_op``, least squares on relative error. One workload
+    fixes the share only (per-op cost = the measured ``latency``); two or more sizes of a
+    model separate what scales with tensor size from what every op pays."""
+    from scipy.optimize import nnls
+
+    a = np.array([[b, n] for b, n in parts], float)
+    t = np.array(seconds, float)
+    if len(t) > 1:
+        (inv_share, per_op), _ = nnls(a / t[:, None], np.ones_like(t))
+        if inv_share >= 1.0 and per_op >= latency:
+            return 1.0 / inv_share, float(per_op)
+    # faster than the roofline, or a per-op cost below the tiny-op one: keep that, fit the share
+    rest = np.maximum(t - a[:, 1] * latency, 1e-12)
+    inv_share = float(np.sum(a[:, 0] * rest / t**2) / np.sum((a[:, 0] / t) ** 2))
+    return min(1.0, 1.0 / max(inv_share, 1e-12)), latency
+
+
+def cluster_from_measurements(
+    base: Cluster, measured: dict, workloads: Sequence = ()
+) -> tuple[Cluster, dict]:
+    """The base cluster with measured device rates and links; also a summary for the yaml.
+    ``workloads``: the training graphs whose measured step times (``workload_seconds``) set
+    how much of the roofline's rates real graphs achieve and what each op costs."""
     ranks = measured["compute"]
     # The slowest rank sets the pace of a synchronous step.
     peak = {
@@ -177,6 +232,8 @@ def cluster_from_measurements(base: Cluster, measured: dict) -> tuple[Cluster, d
     }
     bandwidth = min(r["memory_bandwidth"] for r in ranks)
     latency = max(float(np.median([r["kernel_latency"] for r in ranks])), 1e-7)
+    sync = measured.get("sync") or {}
+    efficiency = float(sync.get("efficiency", 1.0))
     data = base.model_dump()
     data["device"] |= {
         "peak_flops": peak,
@@ -184,12 +241,29 @@ def cluster_from_measurements(base: Cluster, measured: dict) -> tuple[Cluster, d
         "compute_efficiency": 1.0,
         "memory_efficiency": 1.0,
         "kernel_latency": latency,
+        "dispatch_latency": max(r["dispatch"] for r in ranks),
     }
     summary = {
         "ranks": measured["ranks"],
         "threads_per_rank": measured["threads"],
         "session_call_seconds": float(np.median([r["session_call"] for r in ranks])),
+        "sync": sync,
     }
+    seconds = measured.get("workload_seconds") or []
+    if workloads and seconds:
+        device = cluster_from_dict(data, source="measured cluster").device
+        parts = [roofline_parts(g, device) for g in workloads]
+        share, per_op = fit_workloads(parts, seconds, latency)
+        summary["workload"] = {
+            "seconds": list(seconds),
+            "roofline": [b + n * latency for b, n in parts],
+            "share": share,
+            "per_op": per_op,
+            "tiny_op": latency,
+        }
+        efficiency *= share
+        data["device"]["kernel_latency"] = per_op
+    data["device"] |= {"compute_efficiency": efficiency, "memory_efficiency": efficiency}
     if measured["comm"]:
         alpha, link_bw, error = fit_link(measured["comm"])
         data["intra_host"] = data["inter_host"] = {"bandwidth": link_bw, "latency": alpha}
@@ -197,13 +271,14 @@ def cluster_from_measurements(base: Cluster, measured: dict) -> tuple[Cluster, d
     return cluster_from_dict(data, source="measured cluster"), summary
 
 
-def run_workers(ranks: int, threads: int, budget: float) -> dict:
+def run_workers(ranks: int, threads: int, budget: float, workloads: Sequence[str] = ()) -> dict:
     """Launch the profile worker on ``ranks`` MPI ranks and return rank 0's measurements."""
     from runtime.launch import mpiexec
 
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="alpa-profile-") as tmp:
         out = Path(tmp) / "measured.json"
+        extra = [x for w in workloads for x in ("--workload", w)]
         cmd = [
             mpiexec(),
             "-n",
@@ -216,6 +291,7 @@ def run_workers(ranks: int, threads: int, budget: float) -> dict:
             str(threads),
             "--budget",
             str(budget),
+            *extra,
         ]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not out.exists():
@@ -233,9 +309,29 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
         f"# Measured by `alpa-plan profile --cluster {base_spec}` on "
         f"{time.strftime('%Y-%m-%d %H:%M')}: {summary['ranks']} MPI ranks x "
         f"{summary['threads_per_rank']} onnxruntime thread(s).",
-        "# peak_* are achieved rates (efficiencies 1.0); kernel_latency = cost per extra op in",
-        f"# a session; one session.run call costs {summary['session_call_seconds'] * 1e6:.1f} us.",
+        "# peak_* are the rates a rank achieves while every rank computes; kernel_latency = cost",
+        "# per extra op in a session (one session.run call of one op costs "
+        f"{summary['session_call_seconds'] * 1e6:.1f} us); dispatch_latency = the executor's",
+        "# cost per communication instruction (its dispatch and the session call it splits off).",
     ]
+    sync = summary.get("sync")
+    if sync:
+        head.append(
+            "# Efficiencies: ranks synchronising after every "
+            f"{sync['segment_seconds'] * 1e3:.2f} ms segment took "
+            f"{sync['lockstep_seconds'] * 1e3:.2f} ms per segment (waiting for the slowest)."
+        )
+    work = summary.get("workload")
+    if work:
+        took = ", ".join(f"{t * 1e3:.2f}" for t in work["seconds"])
+        says = ", ".join(f"{t * 1e3:.2f}" for t in work["roofline"])
+        head += [
+            f"# Workload training steps took {took} ms where the roofline at these rates says "
+            f"{says} ms:",
+            f"# real graphs get {work['share']:.0%} of the rates (times the synchronisation "
+            f"share: the efficiencies) and pay {work['per_op'] * 1e6:.2f} us per op",
+            f"# (kernel_latency; {work['tiny_op'] * 1e6:.2f} us for a tiny Add).",
+        ]
     if "link_fit_median_relative_error" in summary:
         head.append(
             "# Links: alpha-beta least squares over the executor's MPI collectives, median "
@@ -245,8 +341,16 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
     return "\n".join(head) + "\n" + body
 
 
-def profile(base_spec: str, output: str, threads: int = 1, budget: float = 0.05) -> Cluster:
-    """Measure this machine as ``base_spec``'s ranks and write the calibrated yaml."""
+def profile(
+    base_spec: str,
+    output: str,
+    threads: int = 1,
+    budget: float = 0.05,
+    workloads: Sequence[str] = (),
+    model: str | None = None,
+) -> Cluster:
+    """Measure this machine as ``base_spec``'s ranks and write the calibrated yaml.
+    ``workloads``: one-device plans of ``model`` whose training steps calibrate the roofline."""
     base = resolve_cluster(base_spec)
     if base.device.kind != "cpu":
         raise UserError(
@@ -255,8 +359,35 @@ def profile(base_spec: str, output: str, threads: int = 1, budget: float = 0.05)
         )
     if threads < 1 or budget <= 0:
         raise UserError("--threads must be >= 1 and --budget > 0")
-    cluster, summary = cluster_from_measurements(
-        base, run_workers(base.num_devices, threads, budget)
-    )
+    if bool(workloads) != bool(model):
+        raise UserError("--workload and --model go together")
+    with tempfile.TemporaryDirectory(prefix="alpa-workload-") as tmp:
+        folders = [str(Path(tmp) / str(i)) for i in range(len(workloads))]
+        graphs = [
+            _save_workload(w, model or "", f) for w, f in zip(workloads, folders, strict=True)
+        ]
+        measured = run_workers(base.num_devices, threads, budget, folders)
+    cluster, summary = cluster_from_measurements(base, measured, graphs)
     Path(output).write_text(yaml_text(cluster, base_spec, summary))
     return cluster
+
+
+def _save_workload(plan_path: str, model: str, folder: str):
+    """The training step of a one-device, one-micro-batch plan, saved for the ranks."""
+    import shutil
+
+    from planner.plan_io import load_plan
+    from runtime.step import prepare_step
+
+    plan = load_plan(plan_path)
+    devices = {d for s in plan.stages for d in s.submesh.devices}
+    if devices != {0} or plan.options.microbatches != 1:
+        raise UserError(
+            f"--workload {plan_path!r} must be a one-device, one-micro-batch plan "
+            "(compile it with --cluster cpu:1 --microbatches 1)"
+        )
+    step = prepare_step(plan, model)
+    Path(folder).mkdir(parents=True)
+    step.save(folder)
+    shutil.copyfile(plan_path, Path(folder) / "plan.json")
+    return step.model.graph

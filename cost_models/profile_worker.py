@@ -2,9 +2,12 @@
 
 Every rank measures compute at the same time, because that is how the executor runs them:
 N ranks on one machine share its cores, caches and memory bandwidth, so a lone process would
-overstate what each rank achieves. Communication goes through the executor's own
-``runtime.comm.MpiCommunicator`` so the fitted alpha includes its polling and copies, not
-only MPICH's. Rank 0 writes every sample as JSON; ``cost_models.profile`` fits the cluster.
+overstate what each rank achieves. What synchronising at collectives costs on top is measured
+apart (``sync_efficiency``), and so is what the executor pays per communication instruction
+(``dispatch_seconds``, through the executor's own ``StageRunner``). Communication goes through
+the executor's own ``runtime.comm.MpiCommunicator`` so the fitted alpha includes its polling
+and copies, not only MPICH's. Rank 0 writes every sample as JSON; ``cost_models.profile`` fits
+the cluster.
 """
 
 from __future__ import annotations
@@ -24,39 +27,145 @@ from cost_models import profile as P
 COMM_BYTES = (4, 256, 4096, 65536, 1 << 18, 1 << 20, 1 << 22)
 
 
-def _interleaved(
-    comm, op: Callable[[], object], work: Callable[[], object], budget: float
+SEGMENT_SECONDS = 5e-4  # a compute segment between two collectives, as in a training step
+SYNC_ROUNDS = 3
+
+
+def _mean_over(
+    fn: Callable[[], object], seconds: float, comm, less: Callable[[], float] = lambda: 0.0
 ) -> float:
-    """Seconds one call of ``op`` adds when it follows a compute segment ``work``, as in the
-    executor: ranks reach a collective a little apart (OS noise, other load), and what the
-    late arrival and the communicator's polling cost is part of what a plan pays per call.
-    Mean over blocks of calls (see ``mean_seconds``), slowest rank."""
-    work()
-    op()
-    alone = P.mean_seconds(work, budget / 4)
+    """Mean seconds per call of ``fn`` over about ``seconds``, every rank calling it the same
+    number of times (the count is rank 0's, broadcast); the slowest rank's mean. ``less``: a
+    running total of seconds (e.g. the communicator's) whose growth is left out."""
     comm.world.Barrier()
     start = time.perf_counter()
+    fn()
+    first = max(time.perf_counter() - start, 1e-7)
+    reps = int(comm.world.bcast(max(5, min(10000, seconds / first)), root=0))
+    comm.world.Barrier()
+    start, before = time.perf_counter(), less()
+    for _ in range(reps):
+        fn()
+    spent = time.perf_counter() - start - (less() - before)
+    return float(comm.world.allreduce(spent / reps, op=MAX))
+
+
+def sync_efficiency(comm, threads: int, budget: float) -> dict:
+    """The share of its compute rate a rank keeps when the ranks synchronise after every
+    segment, as a training step does at each collective. Alone, ranks drift; in lockstep every
+    rank waits for the slowest at each collective, so whatever slows one rank (other ranks or
+    other work on the machine's cores) stalls all of them. Measured as the time of a segment
+    of MatMuls run concurrently on all ranks without synchronising, over the time the same
+    segment adds when each is followed by a 4-byte all-reduce (the all-reduce's own time, run
+    back to back, subtracted). Rounds alternate so a change of load hits both alike."""
+    everyone = tuple(range(comm.size))
+    one = np.ones(1, np.float32)
+    work = P.matmul_runner(128, "float32", threads)
     work()
-    op()
-    first = time.perf_counter() - start
-    reps = int(comm.world.bcast(max(3, min(100, budget / 5 / max(first, 1e-7))), root=0))
-    blocks = []
-    for _ in range(5):
-        comm.world.Barrier()
-        start = time.perf_counter()
-        for _ in range(reps):
+    start = time.perf_counter()
+    work()
+    per = max(time.perf_counter() - start, 1e-6)
+    k = int(comm.world.bcast(max(1, round(SEGMENT_SECONDS / per)), root=0))
+
+    def segment() -> None:
+        for _ in range(k):
             work()
-            op()
-        blocks.append((time.perf_counter() - start) / reps - alone)
-    return max(0.0, float(comm.world.allreduce(float(np.mean(blocks)), op=MAX)))
+
+    def lockstep() -> None:
+        segment()
+        comm.all_reduce(one, everyone, "sum")
+
+    free, locked, sync = [], [], []
+    for _ in range(SYNC_ROUNDS):
+        free.append(_mean_over(segment, budget, comm))
+        locked.append(_mean_over(lockstep, budget, comm))
+        sync.append(_mean_over(lambda: comm.all_reduce(one, everyone, "sum"), budget / 4, comm))
+    alone, together = float(np.mean(free)), float(np.mean(locked) - np.mean(sync))
+    return {
+        "segment_seconds": alone,
+        "lockstep_seconds": together,
+        "efficiency": min(1.0, alone / together) if together > 0 else 1.0,
+    }
+
+
+def dispatch_seconds(comm, threads: int, budget: float) -> float:
+    """What the executor pays per communication instruction besides the transfer: a
+    collective splits a compute segment in two, so it adds one instruction of its own and one
+    more onnxruntime session call. Measured by running the executor's own ``StageRunner``
+    over such a pair, a one-Add session and a 64-byte all-reduce over every rank, all ranks
+    in step: the pair's time less the time inside the communicator (alpha's part)."""
+    from onnx import helper
+
+    from runtime.mesh import RankMesh
+    from runtime.partition import Collect, CollectiveOp, Run, Segment, StageProgram
+    from runtime.worker import StageRunner
+
+    session = P._session(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        [P._tensor("x", "float32", [16])],
+        [P._tensor("y", "float32", [16])],
+        threads,
+    )
+    seg = Segment(inputs=["x"], outputs=["y"], session=session)
+    everyone = tuple(range(comm.size))
+    collect = Collect("y", [CollectiveOp("all_reduce", everyone, "sum", None)])
+    program = StageProgram(
+        stage=0,
+        mesh=RankMesh((comm.size,), everyone),
+        device=comm.rank,
+        programs={"forward": [Run(seg), collect]},
+        state_specs={},
+        data_specs={},
+        grads=[],
+        loss=None,
+        assigns=[],
+        segments=[seg],
+    )
+    runner = StageRunner(program, comm, {}, 1)
+    env = {"x": np.ones(16, np.float32)}
+
+    def pair() -> None:
+        runner.run("forward", env, 0)
+
+    pair()
+    return max(0.0, _mean_over(pair, budget, comm, less=lambda: comm.seconds))
+
+
+def workload_seconds(folder: str, comm, budget: float) -> float:
+    """Seconds of one training step of a one-device plan's workload (saved by
+    ``cost_models.profile``), run by the executor's ``StageRunner`` on every rank at once:
+    what real graphs (their transcendental, reduction, scatter and layout ops, not only
+    MatMuls and Adds) and the executor's own work around their sessions take, against what
+    the roofline says. The slowest rank's mean."""
+    from planner.plan_io import load_plan
+    from runtime.data import synthetic_batch
+    from runtime.partition import build_stage
+    from runtime.step import PreparedStep
+    from runtime.worker import StageRunner
+
+    plan = load_plan(str(Path(folder) / "plan.json"))
+    step = PreparedStep.load(folder)
+    runner = StageRunner(build_stage(step.model, plan, 0), comm, step.state, 1)
+    batch = synthetic_batch(step.model.graph, set(step.state), 1, seed=0)
+
+    def one() -> None:
+        runner.step(batch, plan.options.schedule, 1)
+
+    one()
+    comm.world.Barrier()
+    start, steps = time.perf_counter(), 0
+    while steps < 3 or time.perf_counter() - start < budget:
+        one()
+        steps += 1
+    return float(comm.world.allreduce((time.perf_counter() - start) / steps, op=MAX))
 
 
 def comm_samples(comm, threads: int, budget: float) -> list[dict]:
     """All-reduce, all-gather and reduce-scatter over all ranks, send/recv between 0 and 1,
-    each after a ~0.1 ms MatMul session like the executor's compute segments."""
+    back to back through the executor's communicator (waiting for a slower peer is the
+    synchronisation cost ``sync_efficiency`` measures; counting it here too would charge it
+    twice)."""
     everyone = tuple(range(comm.size))
-    comm.add_groups([everyone])
-    work = P.matmul_runner(128, "float32", threads)
     samples = []
     for nbytes in COMM_BYTES:
         x = np.ones(max(1, nbytes // 4) * comm.size, np.float32)
@@ -81,7 +190,8 @@ def comm_samples(comm, threads: int, budget: float) -> list[dict]:
             "send_recv": (ping, piece.nbytes, 2),
         }
         for kind, (fn, n, ranks) in ops.items():
-            seconds = _interleaved(comm, fn, work, budget)
+            fn()
+            seconds = _mean_over(fn, budget, comm)
             samples.append({"kind": kind, "ranks": ranks, "bytes": n, "seconds": seconds})
     return samples
 
@@ -91,15 +201,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.05, help="seconds per measurement")
+    parser.add_argument(
+        "--workload", action="append", default=[], help="folder of a one-device plan's step"
+    )
     args = parser.parse_args(argv)
     from runtime.comm import MpiCommunicator
 
     comm = MpiCommunicator()
+    comm.add_groups([tuple(range(comm.size))])
     compute = P.measure_compute(args.threads, args.budget, barrier=comm.world.Barrier)
+    compute["dispatch"] = dispatch_seconds(comm, args.threads, args.budget)
     everyone = comm.world.gather(compute, root=0)
-    samples = comm_samples(comm, args.threads, args.budget) if comm.size > 1 else []
+    sync, samples = {}, []
+    workload = [workload_seconds(w, comm, 20 * args.budget) for w in args.workload]
+    if comm.size > 1:
+        sync = sync_efficiency(comm, args.threads, args.budget)
+        samples = comm_samples(comm, args.threads, args.budget)
     if comm.rank == 0:
-        result = {"ranks": comm.size, "threads": args.threads, "compute": everyone, "comm": samples}
+        result = {
+            "ranks": comm.size,
+            "threads": args.threads,
+            "compute": everyone,
+            "sync": sync,
+            "workload_seconds": workload,
+            "comm": samples,
+        }
         Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -835,7 +835,10 @@ def _transfers(
                         dst_spec=spec,
                         bytes=int(size),
                         seconds=send_recv(
-                            size / len(cand.stages[dst].devices), link.latency, link.bandwidth
+                            size / len(cand.stages[dst].devices),
+                            link.latency,
+                            link.bandwidth,
+                            cluster.device.dispatch_latency,
                         ),
                     )
                 )

@@ -73,7 +73,8 @@ class LogicalMesh:
     def without_latency(self) -> LogicalMesh:
         """The same mesh with zero-latency links (the bandwidth part of a collective)."""
         links = tuple(
-            dataclasses.replace(lk, intra_alpha=0.0, inter_alpha=0.0) for lk in self.links
+            dataclasses.replace(lk, intra_alpha=0.0, inter_alpha=0.0, dispatch=0.0)
+            for lk in self.links
         )
         return LogicalMesh(self.shape, self.device_ids, links)
 
@@ -98,6 +99,7 @@ class LogicalMesh:
             base.intra_bw,
             base.inter_alpha,
             base.inter_bw,
+            base.dispatch,
         )
 
     def describe(self) -> str:

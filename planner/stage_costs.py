@@ -174,7 +174,8 @@ def transfer_seconds(cluster: Cluster, nbytes_in: float, stage_devices: int) -> 
     if nbytes_in <= 0:
         return 0.0
     link = cluster.inter_host if cluster.hosts > 1 else cluster.intra_host
-    return 2 * send_recv(nbytes_in / stage_devices, link.latency, link.bandwidth)
+    dispatch = cluster.device.dispatch_latency
+    return 2 * send_recv(nbytes_in / stage_devices, link.latency, link.bandwidth, dispatch)
 
 
 @dataclass(frozen=True)

@@ -110,4 +110,11 @@ def load_batch(
 
 
 def microbatch(batch: dict[str, np.ndarray], m: int, microbatches: int) -> dict[str, np.ndarray]:
-    return {k: np.split(a, microbatches)[m] for k, a in batch.items()}
+    """Micro-batch ``m`` of ``microbatches`` equal slices along dim 0 (views)."""
+    out = {}
+    for k, a in batch.items():
+        n, rest = divmod(a.shape[0], microbatches)
+        if rest:
+            raise ValueError(f"{k}: dim 0 of {a.shape} does not split into {microbatches}")
+        out[k] = a[m * n : (m + 1) * n]
+    return out

@@ -97,12 +97,20 @@ def check_fits(spec: ShardingSpec, shape: Sequence[int], mesh_shape: Sequence[in
 def shard(array: np.ndarray, spec: ShardingSpec, mesh: RankMesh, device: int) -> np.ndarray:
     """The block of a global array that ``device`` holds (a partial sum: the value on the
     first rank of the partial axes, zeros elsewhere)."""
-    box = mesh.box(spec, array.shape, device)
-    block = contiguous(np.asarray(array[tuple(slice(a, b) for a, b in box)]))
+    index, zero = block_index(spec, array.shape, mesh, device)
+    block = contiguous(np.asarray(array[index]))
+    return np.zeros_like(block) if zero else block
+
+
+@functools.cache
+def block_index(
+    spec: ShardingSpec, shape: tuple[int, ...], mesh: RankMesh, device: int
+) -> tuple[tuple[slice, ...], bool]:
+    """Where ``device``'s block of a ``shape`` tensor under ``spec`` lies, and whether it is a
+    zero addend of a partial sum (cached: the executor shards every micro-batch alike)."""
+    box = mesh.box(spec, shape, device)
     coords = mesh.coords(device)
-    if any(coords[a] for a in spec.partial):
-        block = np.zeros_like(block)
-    return block
+    return tuple(slice(a, b) for a, b in box), any(coords[a] for a in spec.partial)
 
 
 def intersect(a: Box, b: Box) -> Box | None:

@@ -25,6 +25,26 @@ def test_ring_formulas(p):
     assert c.broadcast(n, link) == pytest.approx(np.log2(p) * ALPHA + n / BW)
 
 
+def test_dispatch_is_paid_once_per_call_and_not_by_buckets():
+    from planner.mesh import mesh_from_links
+    from planner.sharding import bucketed_collective_seconds
+
+    d, n = 7e-6, 1 << 20
+    plain, charged = c.flat_link(4, ALPHA, BW), c.flat_link(4, ALPHA, BW, d)
+    for kind, fn in c.COLLECTIVES.items():
+        assert fn(n, charged) == pytest.approx(fn(n, plain) + d), kind
+    assert c.send_recv(n, ALPHA, BW, d) == pytest.approx(c.send_recv(n, ALPHA, BW) + d)
+    assert c.all_reduce(0, charged) == 0 and c.all_reduce(n, c.flat_link(1, ALPHA, BW, d)) == 0
+    # a bucketed gradient all-reduce pays alpha and dispatch in proportion to its share
+    bucketed = [
+        bucketed_collective_seconds("all_reduce", [0], n, mesh_from_links((4,), [link]))
+        for link in (plain, charged)
+    ]
+    assert bucketed[1] - bucketed[0] == pytest.approx(d * n / (25 * 2**20))
+    mesh = mesh_from_links((2, 2), [c.flat_link(2, ALPHA, BW, d)] * 2)
+    assert mesh.flattened().links[0].dispatch == d
+
+
 def test_single_rank_is_free():
     link = c.flat_link(1, ALPHA, BW)
     assert c.all_reduce(1e9, link) == 0 and c.all_gather(1e9, link) == 0

@@ -46,17 +46,26 @@ def _rank(flops: float) -> dict:
         "memory_bandwidth": flops / 10,
         "kernel_latency": 2e-6,
         "session_call": 5e-6,
+        "dispatch": flops * 1e-16,
     }
 
 
 def test_measured_cluster_keeps_the_layout_and_round_trips(tmp_path):
     base = resolve_cluster("cpu:2x2")
-    measured = {"ranks": 4, "threads": 1, "compute": [_rank(4e10), _rank(3e10)], "comm": SAMPLES}
+    sync = {"segment_seconds": 4e-4, "lockstep_seconds": 5e-4, "efficiency": 0.8}
+    measured = {
+        "ranks": 4,
+        "threads": 1,
+        "compute": [_rank(4e10), _rank(3e10)],
+        "sync": sync,
+        "comm": SAMPLES,
+    }
     cluster, summary = cluster_from_measurements(base, measured)
     d = cluster.device
     assert (cluster.name, cluster.hosts, cluster.devices_per_host) == ("cpu:2x2", 2, 2)
     assert d.peak_flops == {"float32": 3e10, "float64": 1.5e10}  # the slowest rank's best
-    assert (d.compute_efficiency, d.memory_efficiency, d.kernel_latency) == (1.0, 1.0, 2e-6)
+    assert (d.compute_efficiency, d.memory_efficiency, d.kernel_latency) == (0.8, 0.8, 2e-6)
+    assert d.dispatch_latency == pytest.approx(4e-6)  # the slowest rank's
     assert cluster.intra_host == cluster.inter_host
     assert cluster.intra_host.latency == pytest.approx(ALPHA)
     path = tmp_path / "measured.yaml"
@@ -92,4 +101,6 @@ def test_profile_command_writes_a_cluster_compile_accepts(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     cluster = resolve_cluster(str(out))
-    assert cluster.num_devices == 2 and cluster.device.compute_efficiency == 1.0
+    d = cluster.device
+    assert cluster.num_devices == 2 and 0 < d.compute_efficiency <= 1
+    assert d.dispatch_latency > 0
