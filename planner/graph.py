@@ -41,6 +41,22 @@ def role_of(value: ir.Value) -> Role:
     return Role(value.metadata_props.get(ROLE_KEY, Role.ACTIVATION.value))
 
 
+SHAPE_ONLY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def synced_as_gradient(value: ir.Value) -> bool:
+    """A final gradient, or a value that only a shape-only op turns into one (a bias gradient
+    is a ReduceSum, reshaped): its partial sums are synchronised once per step, bucketed with
+    the gradients, as the executor does."""
+    if role_of(value) is Role.GRAD:
+        return True
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return False
+    user, slot = uses[0]
+    return slot == 0 and user.op_type in SHAPE_ONLY_OPS and role_of(user.outputs[0]) is Role.GRAD
+
+
 def set_role(value: ir.Value, role: Role) -> None:
     value.metadata_props[ROLE_KEY] = role.value
 

@@ -46,7 +46,15 @@ import onnx_ir as ir
 
 from cost_models.cluster import Cluster
 from planner.flops import is_heavy
-from planner.graph import PHASE_KEY, UPDATES_KEY, Role, itemsize, role_of, shape_of
+from planner.graph import (
+    PHASE_KEY,
+    UPDATES_KEY,
+    Role,
+    itemsize,
+    role_of,
+    shape_of,
+    synced_as_gradient,
+)
 from planner.ilp import Column, Ilp, IlpStats
 from planner.mesh import LogicalMesh
 from planner.sharding import ReshardStep, ShardingSpec, resharding_cost
@@ -219,11 +227,12 @@ class _Builder:
                     self._source(v)
         for i, node in enumerate(nodes):
             grads = [role_of(o) is Role.GRAD for o in node.outputs]
+            synced = [synced_as_gradient(o) for o in node.outputs]
             update = node.metadata_props.get(PHASE_KEY) == "update"
             ctx = StrategyContext(
                 cluster.device,
                 reduce_scatter=self._wants_rs(node, any(grads)),
-                bucketed=frozenset(f"out{j}" for j, g in enumerate(grads) if g),
+                bucketed=frozenset(f"out{j}" for j, g in enumerate(synced) if g),
             )
             vid = self._add(
                 _Vertex(
@@ -231,7 +240,7 @@ class _Builder:
                     "node",
                     self._filter_node(node, grads, strategies_for(node, mesh, ctx)),
                     node,
-                    once=(update, update or any(grads), update),
+                    once=(update, update or any(synced), update),
                 )
             )
             for j, out in enumerate(node.outputs):

@@ -28,7 +28,15 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from planner.errors import UserError
-from planner.graph import PHASE_KEY, UPDATES_KEY, Role, const_array, role_of, shape_of
+from planner.graph import (
+    PHASE_KEY,
+    SHAPE_ONLY_OPS,
+    UPDATES_KEY,
+    Role,
+    const_array,
+    role_of,
+    shape_of,
+)
 from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
 from runtime import reshard
@@ -40,7 +48,6 @@ PHASES = ("forward", "backward", "update")
 SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Split", 1)}
 LINEAR = {"sum", "mean", None}
 VOCAB_OPS = {"Gather": 0, "ScatterND": 0, "ScatterElements": 0}  # op -> table input
-SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # elementwise-identity ops
 
 
 def parse(text: str) -> ShardingSpec:
@@ -599,7 +606,7 @@ class StageBuilder:
             return None
         user, slot = uses[0]
         plan = self.stage.nodes.get(user.name or "")
-        if user.op_type not in SHAPE_ONLY or slot != 0 or plan is None or plan.collectives:
+        if user.op_type not in SHAPE_ONLY_OPS or slot != 0 or plan is None or plan.collectives:
             return None
         if self.phase[user.name or ""] != "backward" or not plan.inputs or not plan.inputs[0]:
             return None

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from cost_models import collectives
 from cost_models.cluster import cluster_from_dict, resolve_cluster
 from cost_models.collectives import flat_link
-from planner.graph import Role, role_of, set_role, shape_of
+from planner.graph import Role, role_of, set_role, shape_of, synced_as_gradient
 from planner.importer import ImportOptions, import_model
 from planner.intra_op import IntraOpOptions, solve_intra_op
 from planner.layers import assign_layers
@@ -19,6 +19,7 @@ from planner.sharding import TIE_BREAK, resharding_cost
 from planner.strategies import StrategyContext, strategies_for
 from planner.strategies.base import all_specs
 from planner.training import TrainingOptions, build_training_step
+from tests.conftest import FIXTURES
 
 # Alpa's oracles have no replicated dot strategies; here slow FLOPs make any replicated
 # contraction lose, data movement is free, and collectives pay bytes only.
@@ -277,3 +278,28 @@ def test_megatron_on_a_1d_mesh_is_data_parallel():
     assert {k: s.name for k, s in mega.strategies.items()} == {
         k: s.name for k, s in data.strategies.items()
     }
+
+
+def test_bias_gradients_are_synchronised_once_per_step():
+    """A bias gradient is a ReduceSum that a Reshape turns into the gradient: its all-reduce
+    joins the bucketed once-per-step sync (as the executor runs it), so with 4 micro-batches
+    it is charged a quarter, not four times."""
+    path = FIXTURES / "gpt2.ts.onnx"
+    model = import_model(path, ImportOptions(dims={"batch": 8, "seq": 16}))
+    step = build_training_step(model, TrainingOptions(loss="cross_entropy", labels="labels"))
+    reshaped = [
+        n.outputs[0]
+        for n in step.graph
+        if n.op_type == "ReduceSum" and synced_as_gradient(n.outputs[0])
+    ]
+    assert len(reshaped) >= 4 and all(role_of(v) is not Role.GRAD for v in reshaped)
+    activations = [n.outputs[0] for n in step.graph if n.op_type == "Softmax"]
+    assert activations and not any(synced_as_gradient(v) for v in activations)
+    cluster = resolve_cluster("cpu:2")
+    mesh = logical_meshes(cluster, range(2))[0]
+    nodes = list(step.graph)
+    options = IntraOpOptions(method="data", step_weight=0.25)
+    sol = solve_intra_op(nodes, mesh, cluster, options)
+    names = {v.producer().name for v in reshaped}
+    bias_comm = sum(sol.strategies[n].comm for n in names)
+    assert bias_comm > 0 and sol.per_step >= bias_comm
