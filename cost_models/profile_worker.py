@@ -139,13 +139,13 @@ def workload_seconds(folder: str, comm, budget: float) -> float:
     the roofline says. The slowest rank's mean."""
     from planner.plan_io import load_plan
     from runtime.data import synthetic_batch
-    from runtime.partition import build_stage
+    from runtime.partition import build_stage, cpu_session
     from runtime.step import PreparedStep
     from runtime.worker import StageRunner
 
     plan = load_plan(str(Path(folder) / "plan.json"))
     step = PreparedStep.load(folder)
-    runner = StageRunner(build_stage(step.model, plan, 0), comm, step.state, 1)
+    runner = StageRunner(build_stage(step.model, plan, 0, cpu_session), comm, step.state, 1)
     batch = synthetic_batch(step.model.graph, set(step.state), 1, seed=0)
 
     def one() -> None:

@@ -12,6 +12,7 @@ from cost_models import collectives as c
 from cost_models.cluster import resolve_cluster
 from cost_models.profile import cluster_from_measurements, fit_link, profile, yaml_text
 from planner.errors import UserError
+from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA, BW = 30e-6, 2e9
@@ -80,7 +81,24 @@ def test_profile_refuses_gpu_clusters(tmp_path):
 
 @pytest.mark.slow
 def test_profile_command_writes_a_cluster_compile_accepts(tmp_path):
+    """End to end, with one-device training-step workloads (two sizes) calibrating the
+    roofline through the executor's own StageRunner."""
     out = tmp_path / "measured.yaml"
+    model = str(FIXTURES / "gpt2.ts.onnx")
+    workloads = []
+    for batch in (2, 8):
+        plan = tmp_path / f"workload-{batch}.json"
+        compiled = subprocess.run(
+            [sys.executable, "-m", "cli", "compile", model, "--dim", f"batch={batch}"]
+            + ["--dim", "seq=16", "--cluster", "cpu:1", "--loss", "cross_entropy"]
+            + ["--labels", "labels", "-o", str(plan)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert compiled.returncode == 0, compiled.stderr
+        workloads += ["--workload", str(plan)]
     run = subprocess.run(
         [
             sys.executable,
@@ -93,6 +111,9 @@ def test_profile_command_writes_a_cluster_compile_accepts(tmp_path):
             str(out),
             "--budget",
             "0.005",
+            *workloads,
+            "--model",
+            model,
         ],
         cwd=ROOT,
         capture_output=True,
