@@ -865,13 +865,16 @@ def _predict(
         flops += repeat * f
         lower += repeat * op_time(f, node_bytes(node), cluster.device, opts.dtype)
     lower /= cluster.num_devices
+    updates = {node.name for node in graph if phase_of(node) == "update"}
     predictions = []
     for stage, t, u in zip(stages, per_mb, per_step, strict=True):
-        compute = stage.compute / max(stage.compute + stage.communication, 1e-30) * t
+        # the update's compute runs once per step (in u), the rest once per micro-batch (in t)
+        once = sum(n.compute for name, n in stage.nodes.items() if name in updates)
+        compute = min(t, stage.compute - once)
         predictions.append(
             StagePrediction(
-                compute=b * compute,
-                communication=b * (t - compute) + u,
+                compute=b * compute + min(u, once),
+                communication=b * (t - compute) + max(0.0, u - once),
                 bubble=max(0.0, iteration - b * t - u),
             )
         )
