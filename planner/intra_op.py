@@ -392,6 +392,10 @@ class _Builder:
                 found,
                 [s for s in found if all(_batch_only(s.outputs[j]) for j in leaving)],
             )
+        if self.method == "data" and node.metadata_props.get(PHASE_KEY) == "update":
+            # DDP: every rank runs the whole update on its replica (slicing it would be ZeRO)
+            kept = [s for s in found if all(o.is_replicated() for o in s.outputs)]
+            return self._keep(node.name or node.op_type, found, kept)
         if self.method not in ("zero2", "zero3") or not any(grads):
             return found
         outs = [j for j, g in enumerate(grads) if g]
