@@ -44,17 +44,22 @@ def role_of(value: ir.Value) -> Role:
 SHAPE_ONLY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
-def synced_as_gradient(value: ir.Value) -> bool:
-    """A final gradient, or a value that only a shape-only op turns into one (a bias gradient
-    is a ReduceSum, reshaped): its partial sums are synchronised once per step, bucketed with
-    the gradients, as the executor does."""
-    if role_of(value) is Role.GRAD:
-        return True
+def gradient_reshape(value: ir.Value) -> ir.Node | None:
+    """The shape-only op that is ``value``'s one use and turns it into a gradient (a bias
+    gradient is a ReduceSum, reshaped), if there is one."""
     uses = list(value.uses())
     if len(uses) != 1:
-        return False
+        return None
     user, slot = uses[0]
-    return slot == 0 and user.op_type in SHAPE_ONLY_OPS and role_of(user.outputs[0]) is Role.GRAD
+    if slot != 0 or user.op_type not in SHAPE_ONLY_OPS or role_of(user.outputs[0]) is not Role.GRAD:
+        return None
+    return user
+
+
+def synced_as_gradient(value: ir.Value) -> bool:
+    """A final gradient or a gradient before its reshape: its partial sums are synchronised
+    once per step, bucketed with the gradients, as the executor does."""
+    return role_of(value) is Role.GRAD or gradient_reshape(value) is not None
 
 
 def set_role(value: ir.Value, role: Role) -> None:

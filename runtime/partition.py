@@ -30,10 +30,10 @@ from onnx import helper, numpy_helper
 from planner.errors import UserError
 from planner.graph import (
     PHASE_KEY,
-    SHAPE_ONLY_OPS,
     UPDATES_KEY,
     Role,
     const_array,
+    gradient_reshape,
     role_of,
     shape_of,
 )
@@ -599,21 +599,20 @@ class StageBuilder:
         collectives (sum/mean all-reduces) may as well run on that gradient: a reshape commutes
         with a sum, so they join the deferred, bucketed gradient sync instead of running every
         micro-batch (typically a bias or norm gradient, a ReduceSum's partial sum reshaped)."""
-        uses = list(v.uses())
-        if len(uses) != 1 or v.name in sends:
+        user = gradient_reshape(v)
+        if user is None or v.name in sends:
             return None
         if not all(c.kind == "all_reduce" and c.reduce in LINEAR for c in cs):
             return None
-        user, slot = uses[0]
         plan = self.stage.nodes.get(user.name or "")
-        if user.op_type not in SHAPE_ONLY_OPS or slot != 0 or plan is None or plan.collectives:
+        if plan is None or plan.collectives:
             return None
         if self.phase[user.name or ""] != "backward" or not plan.inputs or not plan.inputs[0]:
             return None
         if not same(parse(plan.inputs[0]), self.spec[v.name or ""]):
             return None  # a reshard in between would see the partial sums
         grad = user.outputs[0]
-        if role_of(grad) is not Role.GRAD or grad.name in sends:
+        if grad.name in sends:
             return None
         return user if all(self.phase[u.name or ""] == "update" for u, _ in grad.uses()) else None
 

@@ -2,11 +2,11 @@
 
 ``strategies_for(node, mesh, ctx)`` returns the node's candidate ``Strategy`` list; an op
 type without a rule gets one replicated strategy flagged ``replicated_fallback=True``.
-Families: ``einsum`` (MatMul, Gemm, Einsum, Conv: role-generated dot strategies),
+Families: ``einsum`` (MatMul, Gemm, Einsum: role-generated dot strategies),
 ``pointwise`` (elementwise, Softmax, LayerNormalization), ``views`` (Reshape, Flatten,
 Squeeze, Unsqueeze, Transpose, Expand, Pad, Tile), ``reductions``, ``indexing`` (Gather with
 vocab-parallel embedding and its scatter-add gradient, GatherElements, GatherND, TopK, Slice,
-Split, Concat), ``spatial`` (ConvTranspose, pooling, batch/instance normalization).
+Split, Concat), ``spatial`` (Conv, ConvTranspose, pooling, batch/instance normalization).
 """
 
 from planner.strategies import (  # noqa: F401

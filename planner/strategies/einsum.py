@@ -190,23 +190,6 @@ def einsum(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strat
     )
 
 
-@register("Conv")
-def conv(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
-    """Batch, out-channel and (ungrouped) in-channel splits; spatial windows never split."""
-    spatial = len(shape_of(node.inputs[0])) - 2
-    xs, ws, ys = (
-        _LETTERS[10 : 10 + spatial],
-        _LETTERS[15 : 15 + spatial],
-        _LETTERS[20 : 20 + spatial],
-    )
-    grouped = node.attributes.get_int("group", 1) != 1
-    terms: list[str | None] = ["nc" + xs, "oc" + ws]
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        terms.append("o")
-    blocked = set(xs + ws + ys) | ({"c", "o"} if grouped else set())
-    return einsum_strategies(node, mesh, ctx, terms, ["no" + ys], unsplittable=blocked, addends={2})
-
-
 def reduced_terms(rank: int, axes: Collection[int], keepdims: bool) -> tuple[str, str]:
     """Index strings of a reduction over ``axes`` (kept dims as size-1 in the output)."""
     term = _LETTERS[:rank]

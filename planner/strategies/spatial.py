@@ -1,4 +1,4 @@
-"""Convolution-family ops other than Conv: transposed convolution, pooling, batch and
+"""Convolution-family ops: convolution and transposed convolution, pooling, batch and
 instance normalization.
 
 Batch and channel dims split; windows and spatial dims never do, so a rank runs the op
@@ -17,7 +17,7 @@ from planner.mesh import LogicalMesh
 from planner.strategies.base import Strategy, StrategyContext, register
 from planner.strategies.einsum import einsum_strategies
 
-_SPATIAL_IN, _SPATIAL_W, _SPATIAL_OUT = "klmn", "pqrs", "tvwx"
+_SPATIAL_IN, _SPATIAL_W, _SPATIAL_OUT = "klmn", "pqrs", "uvwx"
 
 
 def _spatial(node: ir.Node) -> tuple[str, str, str]:
@@ -25,16 +25,19 @@ def _spatial(node: ir.Node) -> tuple[str, str, str]:
     return _SPATIAL_IN[:rank], _SPATIAL_W[:rank], _SPATIAL_OUT[:rank]
 
 
-@register("ConvTranspose")
-def conv_transpose(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
-    """Weight (C_in, C_out/group, k...): batch, out-channel and in-channel (partial) splits."""
+@register("Conv", "ConvTranspose")
+def conv(node: ir.Node, mesh: LogicalMesh, ctx: StrategyContext) -> list[Strategy]:
+    """Batch, out-channel and (ungrouped) in-channel splits, the in-channel one leaving a
+    partial sum; spatial windows never split. The weight is (C_out, C_in/group, k...) for
+    Conv and (C_in, C_out/group, k...) for ConvTranspose."""
     xs, ws, ys = _spatial(node)
-    terms: list[str | None] = ["bc" + xs, "co" + ws]
+    weight = "oc" if node.op_type == "Conv" else "co"
+    terms: list[str | None] = ["nc" + xs, weight + ws]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         terms.append("o")
     grouped = node.attributes.get_int("group", 1) != 1
     blocked = set(xs + ws + ys) | ({"c", "o"} if grouped else set())
-    return einsum_strategies(node, mesh, ctx, terms, ["bo" + ys], unsplittable=blocked, addends={2})
+    return einsum_strategies(node, mesh, ctx, terms, ["no" + ys], unsplittable=blocked, addends={2})
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
