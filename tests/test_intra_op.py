@@ -19,7 +19,6 @@ from planner.sharding import TIE_BREAK, resharding_cost
 from planner.strategies import StrategyContext, strategies_for
 from planner.strategies.base import all_specs
 from planner.training import TrainingOptions, build_training_step
-from tests.conftest import FIXTURES
 
 # Alpa's oracles have no replicated dot strategies; here slow FLOPs make any replicated
 # contraction lose, data movement is free, and collectives pay bytes only.
@@ -290,9 +289,7 @@ def test_bias_gradients_are_synchronised_once_per_step():
     """A bias gradient is a ReduceSum that a Reshape turns into the gradient: its all-reduce
     joins the bucketed once-per-step sync (as the executor runs it), so with 4 micro-batches
     it is charged a quarter, not four times."""
-    path = FIXTURES / "gpt2.ts.onnx"
-    model = import_model(path, ImportOptions(dims={"batch": 8, "seq": 16}))
-    step = build_training_step(model, TrainingOptions(loss="cross_entropy", labels="labels"))
+    step = _gpt2_training({"batch": 8, "seq": 16})
     reshaped = [
         n.outputs[0]
         for n in step.graph
@@ -314,9 +311,7 @@ def test_bias_gradients_are_synchronised_once_per_step():
 def test_data_parallel_runs_the_whole_update_on_every_replica():
     """`--method data` is DDP: the optimizer update is not sliced across the replicas (that
     would be ZeRO, which zero2/zero3 offer)."""
-    path = FIXTURES / "gpt2.ts.onnx"
-    model = import_model(path, ImportOptions(dims={"batch": 8, "seq": 16}))
-    step = build_training_step(model, TrainingOptions(loss="cross_entropy", labels="labels"))
+    step = _gpt2_training({"batch": 8, "seq": 16})
     cluster = resolve_cluster("cpu:2")
     mesh = logical_meshes(cluster, range(2))[0]
     sol = solve_intra_op(list(step.graph), mesh, cluster, IntraOpOptions(method="data"))
