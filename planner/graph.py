@@ -42,6 +42,8 @@ def role_of(value: ir.Value) -> Role:
 
 
 SHAPE_ONLY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# One-input ops that commute with a sum: partial sums may pass through them.
+LINEAR_UNARY_OPS = SHAPE_ONLY_OPS | {"Neg", "Identity"}
 
 
 def gradient_reshape(value: ir.Value) -> ir.Node | None:
@@ -56,10 +58,36 @@ def gradient_reshape(value: ir.Value) -> ir.Node | None:
     return user
 
 
+def loss_chain(value: ir.Value) -> list[ir.Node] | None:
+    """The one-input linear ops that take ``value`` to the step's loss (graph output 0), if
+    the loss is all it reaches (a mean cross-entropy's ReduceMean -> Neg). The loss is only
+    reported, never read by the backward pass (that starts from a constant seed), so partial
+    sums of ``value`` may be reduced once per step, on the micro-batches' mean loss."""
+    graph = value.graph
+    if graph is None or not graph.outputs:
+        return None
+    loss, chain = graph.outputs[0], []
+    while value is not loss:
+        uses = list(value.uses())
+        if len(uses) != 1 or value.is_graph_output():
+            return None
+        user, slot = uses[0]
+        if slot != 0 or user.op_type not in LINEAR_UNARY_OPS or len(user.outputs) != 1:
+            return None
+        chain.append(user)
+        value = user.outputs[0]
+    return None if list(value.uses()) else chain
+
+
 def synced_as_gradient(value: ir.Value) -> bool:
-    """A final gradient or a gradient before its reshape: its partial sums are synchronised
-    once per step, bucketed with the gradients, as the executor does."""
-    return role_of(value) is Role.GRAD or gradient_reshape(value) is not None
+    """A final gradient, a gradient before its reshape, or the loss before its linear ops:
+    their partial sums are synchronised once per step, bucketed with the gradients, as the
+    executor does."""
+    return (
+        role_of(value) is Role.GRAD
+        or gradient_reshape(value) is not None
+        or loss_chain(value) is not None
+    )
 
 
 def set_role(value: ir.Value, role: Role) -> None:

@@ -7,14 +7,18 @@ one call. That pays the collective's fixed latency once per bucket instead of on
 tensor, which dominates for the many small gradients (biases, norms) of a model. Buffers are
 built with the tensors' own array module, so GPU gradients are bucketed on the GPU.
 
-Buckets are formed and issued in gradient order, which every rank of a stage shares, so the
-ranks of a group issue the same buckets in the same order.
+The bucket layout depends only on the tensors' shapes, dtypes and collectives, which are the
+same every step: ``layout`` works it out once (members, offsets, result shapes) and ``run``
+replays it, so a step pays the copies and the calls, not the bookkeeping. Buckets are formed
+and issued in tensor order, which every rank of a stage shares, so the ranks of a group issue
+the same buckets in the same order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,78 +44,135 @@ def run_collective(op: CollectiveOp, x: np.ndarray, comm: Communicator) -> np.nd
     return bind(op, comm)(x)
 
 
-def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
-    ends = np.cumsum(sizes, dtype=np.int64).tolist()
-    return [(end - n, end) for n, end in zip(sizes, ends, strict=True)]
-
-
-def _unflatten(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    spans = _offsets([math.prod(s) for s in shapes])
-    return [flat[a:b].reshape(s) for s, (a, b) in zip(shapes, spans, strict=True)]
-
-
-def run_bucket(
-    ops: list[CollectiveOp], xs: list[np.ndarray], comm: Communicator
-) -> list[np.ndarray]:
-    """``run_collective(ops[i], xs[i])`` for every i with one call; the ops share kind, group
-    and reduce op (their tensor dims may differ)."""
-    op = ops[0]
+def result_shape(op: CollectiveOp, shape: tuple[int, ...]) -> tuple[int, ...]:
     p = len(op.group)
-    if len(xs) == 1 or p == 1:
-        return [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
-    xp = array_module(xs[0])
-    if op.kind == "reduce_scatter":
-        # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
-        # each tensor is copied once, straight into its columns
-        spans = _offsets([x.size // p for x in xs])
-        send = xp.empty((p, spans[-1][1]), xs[0].dtype)
-        for o, x, (a, b) in zip(ops, xs, spans, strict=True):
-            pre = math.prod(x.shape[: o.dim])
-            xp.copyto(send[:, a:b].reshape(p, pre, -1), x.reshape(pre, p, -1).transpose(1, 0, 2))
-        mine = comm.reduce_scatter(send, op.group, 0, op.reduce)
-        pieces = [
-            tuple(n // p if d == o.dim else n for d, n in enumerate(x.shape))
-            for o, x in zip(ops, xs, strict=True)
-        ]
-        return _unflatten(mine.reshape(-1), pieces)
-    flat = xp.concatenate([x.reshape(-1) for x in xs])
-    if op.kind == "all_gather":
-        # every tensor is copied once, from the ranks' rows straight into its gathered layout
-        everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
-        out = []
-        for o, x, (a, b) in zip(ops, xs, _offsets([x.size for x in xs]), strict=True):
-            d, shape, pre = o.dim, x.shape, math.prod(x.shape[: o.dim])
-            y = xp.empty((*shape[:d], p * shape[d], *shape[d + 1 :]), x.dtype)
-            xp.copyto(
-                y.reshape(pre, p, -1), everyone[:, a:b].reshape(p, pre, -1).transpose(1, 0, 2)
-            )
-            out.append(y)
-        return out
-    return _unflatten(run_collective(op, flat, comm), [x.shape for x in xs])
+    if p == 1 or op.kind not in ("all_gather", "reduce_scatter"):
+        return shape
+    d = op.dim
+    assert d is not None
+    n = shape[d] * p if op.kind == "all_gather" else shape[d] // p
+    return (*shape[:d], n, *shape[d + 1 :])
 
 
-def sync(
-    xs: list[np.ndarray], ops: list[list[CollectiveOp]], comm: Communicator
-) -> list[np.ndarray]:
-    """Apply each tensor's collectives ``ops[i]`` (in order) to ``xs[i]``, bucketed: the k-th
+def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    ends = np.cumsum(sizes, dtype=np.int64).tolist()
+    return tuple((end - n, end) for n, end in zip(sizes, ends, strict=True))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One call: tensors ``members`` (indices into the synced list) whose next collectives
+    ``ops`` share kind, group and reduce op, and that share a dtype."""
+
+    members: tuple[int, ...]
+    ops: tuple[CollectiveOp, ...]
+    shapes: tuple[tuple[int, ...], ...]  # the members' shapes before the call
+    spans: tuple[tuple[int, int], ...]  # each member's part of the flat buffer the call moves
+    results: tuple[tuple[int, ...], ...]  # and after
+
+
+def _bucket(members: list[int], ops: list[CollectiveOp], shapes: list[tuple[int, ...]]):
+    p = len(ops[0].group)
+    # reduce_scatter packs piece r of every tensor into row r: spans are per row
+    sizes = [math.prod(s) // (p if ops[0].kind == "reduce_scatter" else 1) for s in shapes]
+    results = tuple(result_shape(o, s) for o, s in zip(ops, shapes, strict=True))
+    return Bucket(tuple(members), tuple(ops), tuple(shapes), _spans(sizes), results)
+
+
+def layout(
+    ops: Sequence[Sequence[CollectiveOp]],
+    shapes: Sequence[tuple[int, ...]],
+    dtypes: Sequence[np.dtype],
+) -> list[Bucket]:
+    """The buckets that apply each tensor's collectives ``ops[i]`` (in order): the k-th
     collectives of all tensors run before any (k+1)-th; a bucket is issued once it holds
     ``BUCKET_BYTES``, the rest in order of their first tensor."""
-    xs = list(xs)
+    shapes = [tuple(s) for s in shapes]
+    itemsize = [np.dtype(t).itemsize for t in dtypes]
+    out: list[Bucket] = []
     for k in range(max((len(chain) for chain in ops), default=0)):
         ready: list[list[int]] = []
         filling: dict[tuple, tuple[list[int], int]] = {}
         for i, chain in enumerate(ops):
             if k >= len(chain):
                 continue
-            key = (chain[k].kind, chain[k].group, chain[k].reduce, xs[i].dtype.str)
+            key = (chain[k].kind, chain[k].group, chain[k].reduce, np.dtype(dtypes[i]).str)
             members, size = filling.get(key, ([], 0))
             members.append(i)
-            filling[key] = (members, size + xs[i].nbytes)
+            filling[key] = (members, size + math.prod(shapes[i]) * itemsize[i])
             if filling[key][1] >= BUCKET_BYTES:
                 ready.append(filling.pop(key)[0])
         ready.extend(members for members, _ in filling.values())
         for members in ready:
-            done = run_bucket([ops[i][k] for i in members], [xs[i] for i in members], comm)
-            for i, y in zip(members, done, strict=True):
-                xs[i] = y
+            bucket = _bucket(members, [ops[i][k] for i in members], [shapes[i] for i in members])
+            out.append(bucket)
+            for i, shape in zip(members, bucket.results, strict=True):
+                shapes[i] = shape
+    return out
+
+
+def run_bucket(b: Bucket, xs: list[np.ndarray], comm: Communicator) -> list[np.ndarray]:
+    """``run_collective(b.ops[i], xs[i])`` for every member with one call."""
+    op = b.ops[0]
+    p = len(op.group)
+    if len(xs) == 1 or p == 1:
+        return [run_collective(o, x, comm) for o, x in zip(b.ops, xs, strict=True)]
+    xp = array_module(xs[0])
+    if op.kind == "reduce_scatter":
+        # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
+        # each tensor is copied once, straight into its columns
+        send = xp.empty((p, b.spans[-1][1]), xs[0].dtype)
+        for o, x, (a, e) in zip(b.ops, xs, b.spans, strict=True):
+            pre = math.prod(x.shape[: o.dim])
+            xp.copyto(send[:, a:e].reshape(p, pre, -1), x.reshape(pre, p, -1).transpose(1, 0, 2))
+        flat = comm.reduce_scatter(send, op.group, 0, op.reduce).reshape(-1)
+        return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
+    flat = xp.concatenate([x.reshape(-1) for x in xs])
+    if op.kind == "all_gather":
+        # every tensor is copied once, from the ranks' rows straight into its gathered layout
+        everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
+        out = []
+        for o, x, (a, e), shape in zip(b.ops, xs, b.spans, b.results, strict=True):
+            y = xp.empty(shape, x.dtype)
+            pre = math.prod(x.shape[: o.dim])
+            xp.copyto(
+                y.reshape(pre, p, -1), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2)
+            )
+            out.append(y)
+        return out
+    flat = run_collective(op, flat, comm)
+    return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
+
+
+def run(buckets: Sequence[Bucket], xs: Sequence[np.ndarray], comm: Communicator):
+    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs``."""
+    xs = list(xs)
+    for b in buckets:
+        done = run_bucket(b, [xs[i] for i in b.members], comm)
+        for i, y in zip(b.members, done, strict=True):
+            xs[i] = y
     return xs
+
+
+def sync(
+    xs: list[np.ndarray], ops: Sequence[Sequence[CollectiveOp]], comm: Communicator
+) -> list[np.ndarray]:
+    """Apply each tensor's collectives ``ops[i]`` (in order) to ``xs[i]``, bucketed."""
+    return run(layout(ops, [x.shape for x in xs], [x.dtype for x in xs]), xs, comm)
+
+
+class Synchronizer:
+    """``sync`` with fixed collectives, its layout kept for as long as the tensors' shapes
+    and dtypes stay those it was made for (every step, in a training run)."""
+
+    def __init__(self, ops: Sequence[Sequence[CollectiveOp]], comm: Communicator):
+        self.ops, self.comm = ops, comm
+        self._key: tuple = ()
+        self._buckets: list[Bucket] = []
+
+    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        key = tuple((x.shape, x.dtype) for x in xs)
+        if key != self._key:
+            self._key = key
+            self._buckets = layout(self.ops, [x.shape for x in xs], [x.dtype for x in xs])
+        return run(self._buckets, xs, self.comm)

@@ -90,6 +90,11 @@ class Communicator(ABC):
     def recv_object(self, src: int, tag: int) -> object: ...
 
     @abstractmethod
+    def all_gather_host(self, x: np.ndarray) -> np.ndarray:
+        """Every rank's small host array, stacked in rank order, on every rank (the control
+        plane: per-step metrics). Not counted in ``seconds``/``calls``."""
+
+    @abstractmethod
     def broadcast_object(self, obj: object, root: int) -> object:
         """World-wide broadcast of a picklable object from ``root``."""
 
@@ -281,6 +286,14 @@ class MpiCommunicator(Communicator):
         payload = np.empty(int(size[0]), np.uint8)
         self.recv(payload, src, tag)
         return pickle.loads(payload.tobytes())
+
+    def all_gather_host(self, x: np.ndarray) -> np.ndarray:
+        x = contiguous(x)
+        out = np.empty((self.size, *x.shape), x.dtype)
+        seconds, calls, start = self.seconds, self.calls, time.perf_counter()
+        self._wait(self.world.Iallgather(x, out), "all_gather", range(self.size), start)
+        self.seconds, self.calls = seconds, calls
+        return out
 
     def broadcast_object(self, obj: object, root: int) -> object:
         everyone = tuple(range(self.size))

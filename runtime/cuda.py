@@ -343,6 +343,9 @@ class NcclCommunicator(Communicator):
     def recv_object(self, src: int, tag: int) -> object:
         return self.mpi.recv_object(src, tag)
 
+    def all_gather_host(self, x: np.ndarray) -> np.ndarray:
+        return self.mpi.all_gather_host(x)
+
     def broadcast_object(self, obj: object, root: int) -> object:
         return self.mpi.broadcast_object(obj, root)
 

@@ -16,6 +16,7 @@ are the sum all-reduces of a partial sum that a reshape alone turns into such a 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from planner.graph import (
     Role,
     const_array,
     gradient_reshape,
+    loss_chain,
     role_of,
     shape_of,
 )
@@ -147,6 +149,10 @@ class StageProgram:
     loss: str | None
     assigns: list[tuple[str, str]]  # (key after the update, state input it replaces)
     segments: list[Segment]
+    # the loss's all-reduces, run once per step on the micro-batches' mean (as sums, then
+    # divided by ``loss_divisor``: they share the gradients' buckets)
+    loss_sync: list[CollectiveOp] = field(default_factory=list)
+    loss_divisor: int = 1
 
     @property
     def owned_specs(self) -> dict[str, ShardingSpec]:
@@ -282,6 +288,8 @@ class StageBuilder:
         self.segments: list[Segment] = []
         self.graph_outputs = {v.name for v in graph.outputs}
         self._carried: dict[str, list[CollectiveOp]] = {}  # reshape -> deferred collectives
+        self.loss_sync: list[CollectiveOp] = []
+        self.loss_divisor = 1
 
     # -- tensor facts -------------------------------------------------------------------
 
@@ -437,6 +445,8 @@ class StageBuilder:
             loss if loss_here else None,
             assigns,
             self.segments,
+            self.loss_sync,
+            self.loss_divisor,
         )
 
     def _fuse(self, instrs: list[Instr]) -> list[Instr]:
@@ -641,7 +651,7 @@ class StageBuilder:
                 grads.append(
                     GradAccumulator(v.name or "", ops if deferred else [], self.spec[v.name or ""])
                 )
-            if deferred:
+            if deferred or self._defers_loss(node, v, ops, sends):
                 continue
             through = self._reshaped_grad(v, cs, sends) if role_of(v) is not Role.GRAD else None
             if through is not None and self.phase[node.name or ""] == "backward":
@@ -649,6 +659,27 @@ class StageBuilder:
             else:
                 instrs.append(Collect(v.name or "", ops))
         return instrs
+
+    def _defers_loss(self, node: ir.Node, v: ir.Value, ops: list[CollectiveOp], sends) -> bool:
+        """Whether ``v``'s all-reduces can wait for the step's end (see ``loss_chain``): the
+        ops up to the loss then run on this rank's partial loss, which they keep linear, so
+        they must not reshard it, communicate or send it on."""
+        chain = loss_chain(v) if self.phase[node.name or ""] == "forward" else None
+        if chain is None or any(op.kind != "all_reduce" or op.reduce not in LINEAR for op in ops):
+            return False
+        if any(x.name in sends for x in [v, *(n.outputs[0] for n in chain)]):
+            return False
+        have = self.spec[v.name or ""]
+        for n in chain:
+            np_ = self.stage.nodes.get(n.name or "")
+            if np_ is None or np_.collectives or self.phase[n.name or ""] != "forward":
+                return False
+            if np_.inputs and np_.inputs[0] and not same(parse(np_.inputs[0]), have):
+                return False
+            have = parse(np_.outputs[0])
+        self.loss_sync = [CollectiveOp(op.kind, op.group, "sum", None) for op in ops]
+        self.loss_divisor = math.prod(len(op.group) for op in ops if op.reduce == "mean")
+        return True
 
     def _collective_op(self, node: ir.Node, c: Collective) -> CollectiveOp:
         if c.kind == "all_to_all":

@@ -12,9 +12,11 @@ step is left out of the means when there are more (session warm-up).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
+import numpy as np
 
 from planner.plan_io import canonical_json, write_atomic
 from planner.plan_schema import Plan
@@ -23,13 +25,23 @@ from runtime.comm import Communicator
 KINDS = ("compute", "collective", "p2p", "comm", "calls", "wall")
 
 
-def collect_step(comm: Communicator, mine: dict, tag: int) -> dict | None:
-    """Every rank's metrics of one step, at rank 0 (None elsewhere)."""
+FIELDS = ("rank", "stage", "loss", *KINDS)
+
+
+def collect_step(comm: Communicator, mine: dict) -> dict | None:
+    """Every rank's metrics of one step, at rank 0 (None elsewhere). One all-gather of a few
+    floats: every rank leaves it together, so reporting a step does not leave one rank
+    behind the others (a straggler the next step's first collective would wait for)."""
+    row = np.array([np.nan if mine[k] is None else mine[k] for k in FIELDS], np.float64)
+    everyone = comm.all_gather_host(row)
     if comm.rank != 0:
-        comm.send_object(mine, 0, tag)
-        comm.wait_sends()
         return None
-    ranks = [mine] + [comm.recv_object(r, tag) for r in range(1, comm.size)]
+    ranks = []
+    for values in everyone.tolist():
+        r = dict(zip(FIELDS, values, strict=True))
+        r["rank"], r["stage"] = int(r["rank"]), int(r["stage"])
+        r["loss"] = None if math.isnan(r["loss"]) else r["loss"]
+        ranks.append(r)
     losses = [r["loss"] for r in ranks if r["loss"] is not None]
     return {
         "loss": losses[0] if losses else None,

@@ -29,7 +29,7 @@ from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
-from runtime.buckets import BUCKETED, bind, sync
+from runtime.buckets import BUCKETED, Synchronizer, bind
 from runtime.comm import Communicator, MpiCommunicator, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
 from runtime.launch import PID_DIR
@@ -49,9 +49,8 @@ from runtime.partition import (
 from runtime.pipeline import schedule
 from runtime.step import PreparedStep, prepare_step
 
-METRICS_TAG = 1 << 20
-VERIFY_TAG = METRICS_TAG + 1
-CHECKPOINT_TAG = METRICS_TAG + 2
+VERIFY_TAG = (1 << 20) + 1
+CHECKPOINT_TAG = (1 << 20) + 2
 PROFILE = "ALPA_PROFILE"
 DIE_HOOK = "ALPA_TEST_DIE_AFTER_STEP"  # "rank:step": SIGKILL that rank after that step (tests)
 
@@ -128,6 +127,11 @@ class StageRunner:
             phase: [self._bind(ins) for ins in self._batched(instrs)]
             for phase, instrs in program.programs.items()
         }
+        # the gradients' deferred collectives, and the loss's (see ``StageProgram.loss_sync``)
+        chains = [g.deferred for g in program.grads]
+        if program.loss:
+            chains.append(program.loss_sync)
+        self.grad_sync = Synchronizer(chains, comm)
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
@@ -161,10 +165,10 @@ class StageRunner:
             ins = ins[0]
         if isinstance(ins, list):
             srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
-            ops = [[self._op(r.steps[0])] for r in ins]
+            synchronize = Synchronizer([[self._op(r.steps[0])] for r in ins], comm)
 
             def bucketed(env: dict[str, np.ndarray], m: int) -> None:
-                env.update(zip(dsts, sync([env[k] for k in srcs], ops, comm), strict=True))
+                env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
 
             return "collective", bucketed
         if isinstance(ins, Reshard | Collect):
@@ -264,7 +268,7 @@ class StageRunner:
                     env[name] = self.comm.to_device(shard(mb[name], spec, p.mesh, p.device))
                 self.run("forward", env, m)
                 if p.loss is not None:
-                    losses.append(env[p.loss])  # read after the step: no sync per task
+                    losses.append(env[p.loss])  # reduced with the gradients, at the end
             else:
                 env = envs.pop(m)
                 self.run("backward", env, m)
@@ -275,8 +279,11 @@ class StageRunner:
         grads = p.grads
         if self.m > 1:
             acc = {g.key: acc[g.key] / acc[g.key].dtype.type(self.m) for g in grads}
-        synced = sync([acc[g.key] for g in grads], [g.deferred for g in grads], self.comm)
-        step_env.update(zip((g.key for g in grads), synced, strict=True))
+        tensors = [acc[g.key] for g in grads]
+        if p.loss is not None:
+            tensors.append(sum(losses[1:], losses[0]) / losses[0].dtype.type(len(losses)))
+        synced = self.grad_sync(tensors)
+        step_env.update(zip((g.key for g in grads), synced, strict=False))
         self.timers.collective += time.perf_counter() - start
         self.run("update", step_env, 0)
         for key, state in p.assigns:
@@ -284,7 +291,7 @@ class StageRunner:
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
-        loss = float(np.mean([float(x) for x in losses])) if losses else None
+        loss = float(synced[-1]) / p.loss_divisor if p.loss is not None else None
         return loss, step_env
 
     def gather(self, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
@@ -507,7 +514,7 @@ def execute(backend: Backend, job: Job) -> int:
             "comm": comm.seconds,
             "calls": comm.calls,
         }
-        row = report.collect_step(comm, mine, METRICS_TAG)
+        row = report.collect_step(comm, mine)
         if comm.rank == 0:
             rows.append(row)
             report.print_step(i, row, plan)

@@ -19,7 +19,7 @@ import pytest
 from planner.errors import UserError
 from planner.plan_io import load_plan
 from runtime import backend, cuda, reshard
-from runtime.buckets import run_bucket
+from runtime.buckets import sync
 from runtime.comm import array_module, concat_blocks, mean_of, mesh_groups, split_blocks
 from runtime.mesh import RankMesh
 from runtime.partition import CollectiveOp
@@ -218,7 +218,7 @@ def test_helpers_use_the_array_module_of_their_input(monkeypatch):
     assert type(zeroed) is _Fake and not zeroed.any()
     assert sys.modules["cupy"].called == ["zeros_like"]  # split/concat: the array's methods
     ops = [CollectiveOp("all_reduce", (0, 1), "sum", None)] * 2
-    synced = run_bucket(ops, [fake[0], fake[1, :2]], _Doubling())
+    synced = sync([fake[0], fake[1, :2]], [[op] for op in ops], _Doubling())
     assert [type(y) for y in synced] == [_Fake, _Fake]
     np.testing.assert_array_equal(synced[1], 2 * x[1, :2])
 

@@ -308,6 +308,27 @@ def test_bias_gradients_are_synchronised_once_per_step():
     assert bias_comm > 0 and sol.per_step >= bias_comm
 
 
+def test_the_loss_is_reduced_once_per_step_with_the_gradients():
+    """The loss is only reported: its batch all-reduce runs once per step on the
+    micro-batches' mean, bucketed with the gradients (as the executor runs it), so data
+    plans keep the loss's activations split by batch instead of gathering them."""
+    from planner.graph import loss_chain
+
+    step = _gpt2_training({"batch": 8, "seq": 16})
+    loss = step.graph.outputs[0]
+    mean = loss.producer().inputs[0]
+    assert loss_chain(loss) == [] and [n.op_type for n in loss_chain(mean)] == ["Neg"]
+    assert synced_as_gradient(mean)
+    logits = [n.outputs[0] for n in step.graph if n.op_type == "LogSoftmax"]
+    assert logits and all(loss_chain(v) is None for v in logits)  # the backward reads them
+    cluster = resolve_cluster("cpu:2")
+    mesh = logical_meshes(cluster, range(2))[0]
+    sol = solve_intra_op(list(step.graph), mesh, cluster, IntraOpOptions(method="data"))
+    reduced = sol.strategies[mean.producer().name]
+    assert [c.kind for c in reduced.collectives] == ["all_reduce"]
+    assert not reduced.inputs[0].is_replicated()
+
+
 def test_data_parallel_runs_the_whole_update_on_every_replica():
     """`--method data` is DDP: the optimizer update is not sliced across the replicas (that
     would be ZeRO, which zero2/zero3 offer)."""

@@ -71,7 +71,7 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
             out, want = comm.all_reduce(out, group, "sum"), comm.all_reduce(want, group, "sum")
         assert np.allclose(out, want), (src, dst)
     # bucketed sync == one collective chain per tensor (mixed kinds, groups, dims, dtypes)
-    from runtime.buckets import run_collective, sync
+    from runtime.buckets import Synchronizer, run_collective, sync
     from runtime.partition import CollectiveOp as Op
     g1 = tuple(mesh.group(r, (1,)))
     shapes = [((4, 6), "f4"), ((2, 8), "f4"), ((6,), "f8"), ((4, 2), "f4"), ((2, 4), "f4")]
@@ -93,6 +93,10 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     assert comm.calls - calls == 6, comm.calls - calls  # 8 unbucketed
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype and np.allclose(g, w)
+    synchronize = Synchronizer(ops, comm)  # its layout, made once, replayed each step
+    for _ in range(2):
+        for g, w in zip(synchronize(xs), want):
+            assert g.shape == w.shape and np.allclose(g, w)
     print("ok", r)
     """
     result = _mpi(4, script)
@@ -217,6 +221,22 @@ def test_verify_compiled_plans(plans, fixture, method):
 @pytest.mark.parametrize("fixture, method", SLOW)
 def test_verify_compiled_plans_nightly(plans, fixture, method):
     _verify(plans(fixture, method), fixture)
+
+
+def test_the_loss_is_reduced_with_the_gradients_at_the_step_end(plans):
+    """The data plan's loss all-reduce (a mean over the batch split) does not run every
+    micro-batch in the forward pass: it joins the gradients' bucket as a sum, divided after
+    (``verify`` of the same plan checks the value)."""
+    from planner.plan_io import load_plan
+    from runtime.partition import Collect, CollectiveOp, build_stage, cpu_session
+    from runtime.step import prepare_step
+
+    plan = load_plan(str(plans("gpt2.ts", "data")))
+    step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
+    program = build_stage(step.model, plan, 1, cpu_session)
+    assert program.loss_sync == [CollectiveOp("all_reduce", (0, 1), "sum", None)]
+    assert program.loss_divisor == 2
+    assert not [i for i in program.programs["forward"] if isinstance(i, Collect)]
 
 
 def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans):
