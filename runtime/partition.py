@@ -162,6 +162,29 @@ class StageProgram:
         return {k: v for k, v in self.state_specs.items() if k not in borrowed}
 
 
+def kept_dim(before: Sequence[int], after: Sequence[int], d: int | None) -> int | None:
+    """The dim of a reshape's result that holds dim ``d`` of its input whole (the same
+    elements before it and the same size), if any: a split along it survives the reshape."""
+    if d is None:
+        return None
+    lead, seen = math.prod(before[:d]), 1
+    for j, n in enumerate(after):
+        if seen == lead and n == before[d]:
+            return j
+        seen *= n
+    return None
+
+
+def unscattered(spec: ShardingSpec, cs: Sequence[Collective]) -> ShardingSpec:
+    """``spec`` before its reduce-scatters: their dims unsplit on their axes (local shapes
+    only; the partial sum they complete is the deferred collectives' business)."""
+    dims = [list(d) for d in spec.dims]
+    for c in cs:
+        if c.kind == "reduce_scatter" and c.dim is not None:
+            dims[c.dim] = [a for a in dims[c.dim] if a not in c.axes]
+    return ShardingSpec(tuple(tuple(d) for d in dims), spec.partial)
+
+
 def stage_of_device(plan: Plan, device: int) -> StagePlan | None:
     for stage in plan.stages:
         if device in stage.submesh.devices:
@@ -287,7 +310,7 @@ class StageBuilder:
         self.spec: dict[str, ShardingSpec] = {}
         self.segments: list[Segment] = []
         self.graph_outputs = {v.name for v in graph.outputs}
-        self._carried: dict[str, list[CollectiveOp]] = {}  # reshape -> deferred collectives
+        self._carried: dict[str, list[Collective]] = {}  # reshape -> deferred collectives
         self.loss_sync: list[CollectiveOp] = []
         self.loss_divisor = 1
 
@@ -545,6 +568,13 @@ class StageBuilder:
 
         for name in names:
             node, np_ = self.nodes[name], self.stage.nodes[name]
+            final = None  # a carried reshape's gradient spec, after its deferred collectives
+            if name in self._carried:
+                final = parse(np_.outputs[0])
+                before = unscattered(final, self._carried[name])
+                src = self.spec[node.inputs[0].name or ""]
+                inputs = [str(src), *np_.inputs[1:]]
+                np_ = np_.model_copy(update={"inputs": inputs, "outputs": [str(before)]})
             if len(np_.outputs) != len(node.outputs):
                 raise UserError(
                     f"plan for node {name!r} lists {len(np_.outputs)} output specs, "
@@ -592,8 +622,10 @@ class StageBuilder:
             else:
                 for v in node.outputs:
                     if v.name and role_of(v) is Role.GRAD and self.phase[name] == "backward":
-                        carried = self._carried.pop(name, [])
-                        grads.append(GradAccumulator(v.name, carried, self.spec[v.name]))
+                        ops = [self._collective_op(node, c) for c in self._carried.pop(name, [])]
+                        if final is not None:  # what the update reads, once synchronised
+                            self.spec[v.name] = final
+                        grads.append(GradAccumulator(v.name, ops, self.spec[v.name]))
         close()
         return instrs
 
@@ -604,15 +636,18 @@ class StageBuilder:
             out.append(Send(key, index, mine))
         return out
 
-    def _reshaped_grad(self, v: ir.Value, cs: list[Collective], sends) -> ir.Node | None:
-        """The reshape that turns ``v`` into a gradient only the update reads, when ``v``'s
-        collectives (sum/mean all-reduces) may as well run on that gradient: a reshape commutes
-        with a sum, so they join the deferred, bucketed gradient sync instead of running every
-        micro-batch (typically a bias or norm gradient, a ReduceSum's partial sum reshaped)."""
+    def _reshaped_grad(
+        self, v: ir.Value, cs: list[Collective], sends
+    ) -> tuple[ir.Node, list[Collective]] | None:
+        """The reshape that turns ``v`` into a gradient only the update reads, and ``v``'s
+        collectives restated for that gradient, when they may as well run on it: a reshape
+        commutes with a sum, and with a reduce-scatter along a dim it keeps whole, so they
+        join the deferred, bucketed gradient sync instead of running every micro-batch
+        (typically a bias or norm gradient: a ReduceSum's partial sum, reshaped)."""
         user = gradient_reshape(v)
         if user is None or v.name in sends:
             return None
-        if not all(c.kind == "all_reduce" and c.reduce in LINEAR for c in cs):
+        if not all(c.kind in ("all_reduce", "reduce_scatter") and c.reduce in LINEAR for c in cs):
             return None
         plan = self.stage.nodes.get(user.name or "")
         if plan is None or plan.collectives:
@@ -622,9 +657,17 @@ class StageBuilder:
         if not same(parse(plan.inputs[0]), self.spec[v.name or ""]):
             return None  # a reshard in between would see the partial sums
         grad = user.outputs[0]
-        if grad.name in sends:
+        if grad.name in sends or any(self.phase[u.name or ""] != "update" for u, _ in grad.uses()):
             return None
-        return user if all(self.phase[u.name or ""] == "update" for u, _ in grad.uses()) else None
+        mapped = []
+        for c in cs:
+            dim = c.dim
+            if c.kind == "reduce_scatter":
+                dim = kept_dim(self.shape(v.name or ""), self.shape(grad.name or ""), c.dim)
+                if dim is None:
+                    return None
+            mapped.append(c.model_copy(update={"dim": dim}))
+        return user, mapped
 
     def _collects(
         self, node: ir.Node, np_: NodePlan, grads: list[GradAccumulator], sends
@@ -655,7 +698,10 @@ class StageBuilder:
                 continue
             through = self._reshaped_grad(v, cs, sends) if role_of(v) is not Role.GRAD else None
             if through is not None and self.phase[node.name or ""] == "backward":
-                self._carried[through.name or ""] = ops
+                user, mapped = through
+                self._carried[user.name or ""] = mapped
+                # the reshape now runs on the partial sums, before any scatter
+                self.spec[v.name or ""] = unscattered(self.spec[v.name or ""], cs)
             else:
                 instrs.append(Collect(v.name or "", ops))
         return instrs

@@ -239,6 +239,27 @@ def test_the_loss_is_reduced_with_the_gradients_at_the_step_end(plans):
     assert not [i for i in program.programs["forward"] if isinstance(i, Collect)]
 
 
+def test_reduce_scatters_of_reshaped_gradients_wait_for_the_bucketed_sync(plans):
+    """ZeRO-2 reduce-scatters every gradient. A bias or norm gradient is a ReduceSum's partial
+    sum, reshaped: its reduce-scatter (restated for the reshape's dims) runs once per step in
+    the bucketed sync, not every micro-batch (the 10-step loss-curve test below checks the
+    values of this plan)."""
+    from planner.graph import gradient_reshape
+    from planner.plan_io import load_plan
+    from runtime.partition import Collect, build_stage, cpu_session, kept_dim
+    from runtime.step import prepare_step
+
+    assert kept_dim((1, 1, 64), (64,), 2) == 0 and kept_dim((2, 64), (128,), 1) is None
+    plan = load_plan(str(plans("gpt2.ts", "zero2")))
+    step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
+    program = build_stage(step.model, plan, 0, cpu_session)
+    values = {v.name: v for n in step.model.graph for v in n.outputs}
+    collected = [i.key for i in program.programs["backward"] if isinstance(i, Collect)]
+    assert not [k for k in collected if gradient_reshape(values[k]) is not None]
+    scattered = [g for g in program.grads if [op.kind for op in g.deferred] == ["reduce_scatter"]]
+    assert len(scattered) == len(program.grads) - 1  # all but the tied embedding's
+
+
 def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans):
     sharded = _run(plans("gpt2.ts", "zero2"), "gpt2.ts", "--steps", "10")
     single = _run(plans("gpt2.ts", "single"), "gpt2.ts", "--steps", "10")
