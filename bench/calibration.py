@@ -25,48 +25,26 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ["--loss", "cross_entropy", "--labels", "auto", "--optimizer", "adam"]
+
+
+def _megatron(tp: int, pp: int, microbatches: int) -> list[str]:
+    dims = ["--dp", "1", "--tp", str(tp), "--pp", str(pp), "--microbatches", str(microbatches)]
+    return ["--method", "megatron", *dims]
+
+
 PLANS = {
     "data m1": ["--method", "data", "--microbatches", "1"],
     "data m4": ["--method", "data", "--microbatches", "4"],
     "zero2 m1": ["--method", "zero2", "--microbatches", "1"],
     "zero3 m2": ["--method", "zero3", "--microbatches", "2"],
     "shard m1": ["--method", "shard", "--microbatches", "1"],
-    "megatron tp2 m1": [
-        "--method",
-        "megatron",
-        "--dp",
-        "1",
-        "--tp",
-        "2",
-        "--pp",
-        "1",
-        "--microbatches",
-        "1",
-    ],
-    "megatron pp2 m2": [
-        "--method",
-        "megatron",
-        "--dp",
-        "1",
-        "--tp",
-        "1",
-        "--pp",
-        "2",
-        "--microbatches",
-        "2",
-    ],
-    "megatron pp2 m4": [
-        "--method",
-        "megatron",
-        "--dp",
-        "1",
-        "--tp",
-        "1",
-        "--pp",
-        "2",
-        "--microbatches",
-        "4",
-    ],
+    "megatron tp2 m1": _megatron(2, 1, 1),
+    "megatron pp2 m2": _megatron(1, 2, 2),
+    "megatron pp2 m4": _megatron(1, 2, 4),
+    # the micro-batch count is the planner's choice too: many small ones cost per-op and
+    # per-instruction time that the roofline of the same FLOPs does not show
+    "data m8": ["--method", "data", "--microbatches", "8"],
+    "megatron pp2 m8": _megatron(1, 2, 8),
 }
 
 
@@ -106,7 +84,7 @@ def main() -> None:
     parser.add_argument("--model", default="tests/fixtures/gpt2.ts.onnx")
     parser.add_argument("--dim", action="append", default=None, help="NAME=N (repeatable)")
     parser.add_argument("--cluster", default="cpu:2")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs per plan, round-robin (median shown)"
     )
@@ -161,14 +139,14 @@ def main() -> None:
                 runs[name].append(json.loads(plan.with_suffix(".run.json").read_text()))
         rows = []
         for name, reports in runs.items():
-            reports.sort(key=lambda r: r["iteration_time"]["measured"])
+            reports.sort(key=lambda r: r["iteration_time"]["measured_median"])
             median = reports[len(reports) // 2]
             it = median["iteration_time"]
-            rows.append((name, it["predicted"], it["measured"], _breakdown(median)))
+            rows.append((name, it["predicted"], it["measured_median"], _breakdown(median)))
             print(
                 f"{name}: predicted {it['predicted'] * 1e3:.2f} ms, measured "
-                f"{it['measured'] * 1e3:.2f} ms (runs: "
-                + ", ".join(f"{r['iteration_time']['measured'] * 1e3:.1f}" for r in reports)
+                f"{it['measured_median'] * 1e3:.2f} ms (runs: "
+                + ", ".join(f"{r['iteration_time']['measured_median'] * 1e3:.1f}" for r in reports)
                 + ")",
                 flush=True,
             )
@@ -182,7 +160,7 @@ def main() -> None:
         "",
         f"`python bench/calibration.py` — model `{args.model}` ({' '.join(dims)}), cluster "
         f"`{args.cluster}` profiled by `alpa-plan profile`, {args.steps} steps per run "
-        "(measured = mean step wall time after the first, from `PLAN.run.json`), the median "
+        "(measured = median step wall time after the first, from `PLAN.run.json`), the median "
         f"of {args.rounds} runs per plan taken round-robin, `ALPA_ORT_THREADS=1`. Load "
         f"average {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} CPUs.",
         "",

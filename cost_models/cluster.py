@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from planner.errors import UserError
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+CollectiveKind = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"]
 PRESET_DIR = Path(__file__).parent / "clusters"
 
 
@@ -32,6 +33,12 @@ class _Strict(BaseModel):
 class Link(_Strict):
     bandwidth: PositiveFloat = Field(description="bytes/s")
     latency: float = Field(ge=0, description="seconds per message (alpha)")
+    collective_bandwidth: dict[CollectiveKind, PositiveFloat] = Field(
+        default_factory=dict,
+        description="bytes/s (B of the ring formulas) that collectives of a kind get where it "
+        "differs from bandwidth; `profile` measures it (on CPU ranks an all-reduce's reduction "
+        "runs at memory speed, far below a plain copy between ranks)",
+    )
 
 
 class Device(_Strict):

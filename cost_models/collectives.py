@@ -9,7 +9,10 @@ Formulas (p ranks on the axis, n bytes, alpha latency, B per-rank bandwidth; pee
 - send/recv:                   alpha +            n/B
 - broadcast:        ceil(log2 p)·alpha +          n/B
 
-Every collective and send also costs the link's ``dispatch`` once per call: what the executor
+A link may measure a kind's bandwidth apart (``Link.collective_bandwidth``: on CPU ranks an
+all-reduce's reduction runs at memory speed, far below what a plain copy between ranks gets);
+that kind's formula then uses it as B. Every collective and send also costs the link's
+``dispatch`` once per call: what the executor
 spends on the instruction besides the transfer (``Device.dispatch_latency``, see there).
 Bucketed gradient collectives pay it once per bucket, like alpha.
 
@@ -42,10 +45,19 @@ class AxisLink:
     inter_alpha: float
     inter_bw: float  # bytes/s per rank when all concurrent cross-host ranks of a host talk
     dispatch: float = 0.0  # seconds per call on the executor's side (Device.dispatch_latency)
+    # (kind, bytes/s) where a collective kind's measured bandwidth differs from intra_bw/inter_bw
+    intra_kinds: tuple[tuple[str, float], ...] = ()
+    inter_kinds: tuple[tuple[str, float], ...] = ()
 
     @property
     def crosses_hosts(self) -> bool:
         return self.hosts > 1
+
+    def bandwidths(self, kind: str) -> tuple[float, float]:
+        """(intra, inter) bytes/s per rank that collectives of ``kind`` get."""
+        intra = next((b for k, b in self.intra_kinds if k == kind), self.intra_bw)
+        inter = next((b for k, b in self.inter_kinds if k == kind), self.inter_bw)
+        return intra, inter
 
 
 def axis_link(cluster: Cluster, device_ids: np.ndarray, axis: int) -> AxisLink:
@@ -68,6 +80,10 @@ def axis_link(cluster: Cluster, device_ids: np.ndarray, axis: int) -> AxisLink:
         inter_alpha=cluster.inter_host.latency,
         inter_bw=cluster.inter_host.bandwidth / concurrent,
         dispatch=cluster.device.dispatch_latency,
+        intra_kinds=tuple(sorted(cluster.intra_host.collective_bandwidth.items())),
+        inter_kinds=tuple(
+            (k, b / concurrent) for k, b in sorted(cluster.inter_host.collective_bandwidth.items())
+        ),
     )
 
 
@@ -85,47 +101,54 @@ def _ring(p: int, n: float, alpha: float, bw: float, factor: float) -> float:
 def all_reduce(n: float, link: AxisLink) -> float:
     if link.size <= 1 or n <= 0:
         return 0.0
+    intra_bw, inter_bw = link.bandwidths("all_reduce")
     if not link.crosses_hosts:
-        return link.dispatch + _ring(link.size, n, link.intra_alpha, link.intra_bw, 2.0)
+        return link.dispatch + _ring(link.size, n, link.intra_alpha, intra_bw, 2.0)
     g, k = link.per_host, link.hosts
     return (
         link.dispatch
-        + _ring(g, n, link.intra_alpha, link.intra_bw, 2.0)
-        + _ring(k, n / g, link.inter_alpha, link.inter_bw, 2.0)
+        + _ring(g, n, link.intra_alpha, intra_bw, 2.0)
+        + _ring(k, n / g, link.inter_alpha, inter_bw, 2.0)
+    )
+
+
+def _gather_like(kind: str, n: float, link: AxisLink) -> float:
+    if link.size <= 1 or n <= 0:
+        return 0.0
+    intra_bw, inter_bw = link.bandwidths(kind)
+    if not link.crosses_hosts:
+        return link.dispatch + _ring(link.size, n, link.intra_alpha, intra_bw, 1.0)
+    g, k = link.per_host, link.hosts
+    return (
+        link.dispatch
+        + _ring(k, n / g, link.inter_alpha, inter_bw, 1.0)
+        + _ring(g, n, link.intra_alpha, intra_bw, 1.0)
     )
 
 
 def all_gather(n: float, link: AxisLink) -> float:
     """n = bytes of the gathered (full) tensor."""
-    if link.size <= 1 or n <= 0:
-        return 0.0
-    if not link.crosses_hosts:
-        return link.dispatch + _ring(link.size, n, link.intra_alpha, link.intra_bw, 1.0)
-    g, k = link.per_host, link.hosts
-    return (
-        link.dispatch
-        + _ring(k, n / g, link.inter_alpha, link.inter_bw, 1.0)
-        + _ring(g, n, link.intra_alpha, link.intra_bw, 1.0)
-    )
+    return _gather_like("all_gather", n, link)
 
 
 def reduce_scatter(n: float, link: AxisLink) -> float:
     """n = bytes of the full input; each rank keeps n/p reduced."""
-    return all_gather(n, link)
+    return _gather_like("reduce_scatter", n, link)
 
 
 def all_to_all(n: float, link: AxisLink) -> float:
     """n = bytes each rank holds before the exchange; (p-1)/p of it leaves the rank."""
     if link.size <= 1 or n <= 0:
         return 0.0
+    intra_bw, inter_bw = link.bandwidths("all_to_all")
     alpha = link.inter_alpha if link.crosses_hosts else link.intra_alpha
     # Off-host traffic share is (k-1)/k of what leaves; it is bound by the shared NIC.
     if link.crosses_hosts:
         off = (link.hosts - 1) / link.hosts
-        t = n * (1 - off) * (link.size - 1) / link.size / link.intra_bw
-        t = max(t, n * off / link.inter_bw)
+        t = n * (1 - off) * (link.size - 1) / link.size / intra_bw
+        t = max(t, n * off / inter_bw)
         return link.dispatch + (link.size - 1) * alpha + t
-    return link.dispatch + _ring(link.size, n, alpha, link.intra_bw, 1.0)
+    return link.dispatch + _ring(link.size, n, alpha, intra_bw, 1.0)
 
 
 def send_recv(n: float, alpha: float, bandwidth: float, dispatch: float = 0.0) -> float:
@@ -136,7 +159,8 @@ def broadcast(n: float, link: AxisLink) -> float:
     if link.size <= 1 or n <= 0:
         return 0.0
     alpha = link.inter_alpha if link.crosses_hosts else link.intra_alpha
-    bw = min(link.intra_bw, link.inter_bw) if link.crosses_hosts else link.intra_bw
+    intra_bw, inter_bw = link.bandwidths("broadcast")
+    bw = min(intra_bw, inter_bw) if link.crosses_hosts else intra_bw
     return link.dispatch + math.ceil(math.log2(link.size)) * alpha + n / bw
 
 

@@ -17,9 +17,10 @@ yaml that ``compile --cluster FILE`` accepts:
   their measured time against the roofline's gives the share of the rates real graphs get
   (stored in the efficiencies) and, from two or more sizes, what every op pays (stored as
   ``kernel_latency``: real ops cost more than a tiny Add);
-- links: all-reduce / all-gather / reduce-scatter / send-recv at several sizes through the
-  executor's MPI communicator, alpha and bandwidth fitted by least squares on relative error
-  to the very formulas of ``cost_models.collectives``.
+- links: every collective kind and send/recv at several sizes through the executor's MPI
+  communicator; one alpha and a bandwidth per kind fitted by least squares on relative error
+  to the very formulas of ``cost_models.collectives`` (send/recv's is the link's bandwidth,
+  the others go to ``collective_bandwidth``).
 
 Measured rates are stored as the peak and the synchronisation share as the efficiency: the
 yaml then says what this machine achieves, and ``peak * efficiency`` in the roofline is the
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,23 +164,41 @@ def _coefficients(kind: str, ranks: int, nbytes: float) -> tuple[float, float]:
     )
 
 
-def fit_link(samples: Sequence[dict]) -> tuple[float, float, float]:
-    """Least-squares alpha (s) and bandwidth (bytes/s) over samples ``{kind, ranks, bytes,
-    seconds}``, minimising relative error so microsecond latencies weigh as much as
-    millisecond transfers; also returns the median relative error of the fit."""
+@dataclass(frozen=True)
+class LinkFit:
+    alpha: float  # seconds per message, shared by every kind
+    bandwidth: float  # bytes/s of send/recv: the link's own
+    collective_bandwidth: dict[str, float]  # bytes/s each measured collective kind gets
+    error: float  # median relative error of the fit
+
+
+def fit_link(samples: Sequence[dict]) -> LinkFit:
+    """Least-squares alpha (s) and a bandwidth (bytes/s) per kind over samples ``{kind,
+    ranks, bytes, seconds}``, minimising relative error so microsecond latencies weigh as
+    much as millisecond transfers. Each kind gets its own B in its formula: MPI's collectives
+    on CPU ranks run at very different speeds (an all-reduce adds up what it moves), and one B
+    for all of them misprices every kind but the average one."""
     from scipy.optimize import nnls
 
     # A call lost in the noise of the compute it follows measures nothing: leave it out.
     samples = [s for s in samples if s["seconds"] > 0]
     if not samples:
         raise UserError("no communication samples to fit (profile needs at least 2 ranks)")
-    a = np.array([_coefficients(s["kind"], s["ranks"], s["bytes"]) for s in samples])
+    kinds = sorted({s["kind"] for s in samples})
+    a = np.zeros((len(samples), 1 + len(kinds)))
+    for row, s in enumerate(samples):
+        alpha_part, byte_part = _coefficients(s["kind"], s["ranks"], s["bytes"])
+        a[row, 0], a[row, 1 + kinds.index(s["kind"])] = alpha_part, byte_part
     t = np.array([s["seconds"] for s in samples])
-    (alpha, inv_bw), _ = nnls(a / t[:, None], np.ones_like(t))
-    if inv_bw <= 0:
+    x, _ = nnls(a / t[:, None], np.ones_like(t))
+    if (x[1:] <= 0).any():
         raise UserError("communication time did not grow with message size: rerun profile")
-    error = float(np.median(np.abs(a @ [alpha, inv_bw] - t) / t))
-    return float(alpha), float(1.0 / inv_bw), error
+    error = float(np.median(np.abs(a @ x - t) / t))
+    bandwidth = {k: float(1.0 / inv) for k, inv in zip(kinds, x[1:], strict=True)}
+    link = bandwidth.pop("send_recv", None)
+    if link is None:  # no point-to-point samples: the fastest collective stands for the link
+        link = max(bandwidth.values())
+    return LinkFit(float(x[0]), link, bandwidth, error)
 
 
 def roofline_parts(graph, device) -> tuple[float, int]:
@@ -265,9 +285,13 @@ def cluster_from_measurements(
         data["device"]["kernel_latency"] = per_op
     data["device"] |= {"compute_efficiency": efficiency, "memory_efficiency": efficiency}
     if measured["comm"]:
-        alpha, link_bw, error = fit_link(measured["comm"])
-        data["intra_host"] = data["inter_host"] = {"bandwidth": link_bw, "latency": alpha}
-        summary["link_fit_median_relative_error"] = error
+        fit = fit_link(measured["comm"])
+        data["intra_host"] = data["inter_host"] = {
+            "bandwidth": fit.bandwidth,
+            "latency": fit.alpha,
+            "collective_bandwidth": fit.collective_bandwidth,
+        }
+        summary["link_fit_median_relative_error"] = fit.error
     return cluster_from_dict(data, source="measured cluster"), summary
 
 
@@ -334,8 +358,9 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
         ]
     if "link_fit_median_relative_error" in summary:
         head.append(
-            "# Links: alpha-beta least squares over the executor's MPI collectives, median "
-            f"relative error {summary['link_fit_median_relative_error']:.1%}."
+            "# Links: alpha-beta least squares over the executor's MPI collectives (one alpha, "
+            "a bandwidth per kind), median"
+            f" relative error {summary['link_fit_median_relative_error']:.1%}."
         )
     body = yaml.safe_dump(cluster.model_dump(), sort_keys=False)
     return "\n".join(head) + "\n" + body

@@ -100,6 +100,8 @@ class LogicalMesh:
             base.inter_alpha,
             base.inter_bw,
             base.dispatch,
+            base.intra_kinds,
+            base.inter_kinds,
         )
 
     def describe(self) -> str:

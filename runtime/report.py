@@ -117,7 +117,13 @@ def summarize(plan: Plan, rows: list[dict], setup: float, backend: str) -> dict:
         },
         "backend": backend,
         "losses": [row["loss"] for row in rows],
-        "iteration_time": {"predicted": plan.predicted.iteration_time, "measured": step},
+        "iteration_time": {
+            "predicted": plan.predicted.iteration_time,
+            "measured": step,
+            # robust to the odd step a busy machine stalls (what a noisy host's runs share)
+            "measured_median": float(np.median([row["wall"] for row in timed])),
+        },
+        "step_seconds": [row["wall"] for row in rows],
         "throughput_samples_per_s": plan.options.global_batch / step,
         "setup_seconds": setup,
         "runtime_overhead": {

@@ -30,7 +30,7 @@ from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
 from runtime.buckets import BUCKETED, Synchronizer, bind
-from runtime.comm import Communicator, MpiCommunicator, mesh_groups
+from runtime.comm import Communicator, MpiCommunicator, mean_of, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
 from runtime.launch import PID_DIR
 from runtime.mesh import RankMesh, shard
@@ -272,13 +272,17 @@ class StageRunner:
             else:
                 env = envs.pop(m)
                 self.run("backward", env, m)
-                for g in p.grads:
-                    acc[g.key] = acc[g.key] + env[g.key] if g.key in acc else env[g.key]
+                for g in p.grads:  # summed in place, into a copy of the first (a send may
+                    if g.key in acc:  # still read that one)
+                        acc[g.key] += env[g.key]
+                    else:
+                        acc[g.key] = env[g.key].copy() if self.m > 1 else env[g.key]
         step_env = dict(self.state)
         start = time.perf_counter()
         grads = p.grads
         if self.m > 1:
-            acc = {g.key: acc[g.key] / acc[g.key].dtype.type(self.m) for g in grads}
+            for g in grads:
+                acc[g.key] = mean_of(acc[g.key], self.m)
         tensors = [acc[g.key] for g in grads]
         if p.loss is not None:
             tensors.append(sum(losses[1:], losses[0]) / losses[0].dtype.type(len(losses)))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cost_models import collectives as c
@@ -34,11 +35,36 @@ SAMPLES = [
 
 
 def test_fit_recovers_the_formulas_parameters():
-    alpha, bw, error = fit_link(SAMPLES + [{**SAMPLES[0], "seconds": 0.0}])  # 0 s: dropped
-    assert alpha == pytest.approx(ALPHA, rel=1e-6) and bw == pytest.approx(BW, rel=1e-6)
-    assert error < 1e-9
+    fit = fit_link(SAMPLES + [{**SAMPLES[0], "seconds": 0.0}])  # 0 s: dropped
+    assert fit.alpha == pytest.approx(ALPHA, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(BW, rel=1e-6)
+    assert fit.collective_bandwidth == pytest.approx(
+        {"all_reduce": BW, "all_gather": BW, "reduce_scatter": BW}, rel=1e-6
+    )
+    assert fit.error < 1e-9
     with pytest.raises(UserError, match="no communication samples"):
         fit_link([])
+
+
+def test_each_collective_kind_gets_its_own_bandwidth():
+    """An all-reduce that moves data at a tenth of the link's speed (its reduction is the
+    bottleneck) is priced by its own bandwidth, and the planner's formulas then use it."""
+    slow = [
+        {**s, "seconds": c.all_reduce(s["bytes"], c.flat_link(4, ALPHA, BW / 10))}
+        if s["kind"] == "all_reduce"
+        else s
+        for s in SAMPLES
+    ]
+    fit = fit_link(slow)
+    assert fit.bandwidth == pytest.approx(BW, rel=1e-6) and fit.error < 1e-9
+    assert fit.collective_bandwidth["all_reduce"] == pytest.approx(BW / 10, rel=1e-6)
+    assert fit.collective_bandwidth["all_gather"] == pytest.approx(BW, rel=1e-6)
+    cluster, _ = cluster_from_measurements(
+        resolve_cluster("cpu:4"), {"ranks": 4, "threads": 1, "compute": [_rank(4e10)], "comm": slow}
+    )
+    link = c.axis_link(cluster, np.arange(4), 0)  # measured rates, plus the executor's dispatch
+    assert c.all_reduce(1 << 22, link) - link.dispatch == pytest.approx(slow[2]["seconds"])
+    assert c.all_gather(1 << 22, link) - link.dispatch == pytest.approx(slow[5]["seconds"])
 
 
 def _rank(flops: float) -> dict:
