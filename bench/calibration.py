@@ -97,10 +97,11 @@ def main() -> None:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         measured = folder / "measured.yaml"
-        # The model's one-device training step at two batch sizes calibrates the roofline's
-        # rates and per-op cost (see `alpa-plan profile --workload`).
+        # The model's one-device training step at three batch sizes (the range a plan's
+        # micro-batches span) calibrates the roofline's rates and per-op cost (see
+        # `alpa-plan profile --workload`).
         workloads = []
-        for scale in (1, 4):
+        for scale in (1, 4, 16):
             path = folder / f"workload-{scale}.json"
             scaled = [_scaled(d, scale) for d in dims]
             cli("compile", args.model, *scaled, "--cluster", "cpu:1", *TRAINING, "-o", str(path))
