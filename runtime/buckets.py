@@ -111,13 +111,21 @@ def layout(
     return out
 
 
-def run_bucket(b: Bucket, xs: list[np.ndarray], comm: Communicator) -> list[np.ndarray]:
-    """``run_collective(b.ops[i], xs[i])`` for every member with one call."""
+def run_bucket(
+    b: Bucket, xs: list[np.ndarray], comm: Communicator, buffer: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """``run_collective(b.ops[i], xs[i])`` for every member with one call. ``buffer``: where
+    to pack an all-reduce's tensors (``b.spans[-1][1]`` elements), which it then reduces in
+    place: the results are views of it."""
     op = b.ops[0]
     p = len(op.group)
     if len(xs) == 1 or p == 1:
         return [run_collective(o, x, comm) for o, x in zip(b.ops, xs, strict=True)]
     xp = array_module(xs[0])
+    if buffer is not None and op.kind == "all_reduce":
+        xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
+        flat = comm.all_reduce(buffer, op.group, op.reduce, inplace=True)
+        return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
     if op.kind == "reduce_scatter":
         # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
         # each tensor is copied once, straight into its columns
@@ -147,11 +155,18 @@ def run_bucket(b: Bucket, xs: list[np.ndarray], comm: Communicator) -> list[np.n
     return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
 
 
-def run(buckets: Sequence[Bucket], xs: Sequence[np.ndarray], comm: Communicator):
-    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs``."""
+def run(
+    buckets: Sequence[Bucket],
+    xs: Sequence[np.ndarray],
+    comm: Communicator,
+    buffers: Sequence[np.ndarray | None] | None = None,
+):
+    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs`` (``buffers``: one
+    per bucket or None, see ``run_bucket``)."""
     xs = list(xs)
-    for b in buckets:
-        done = run_bucket(b, [xs[i] for i in b.members], comm)
+    for k, b in enumerate(buckets):
+        buffer = buffers[k] if buffers is not None else None
+        done = run_bucket(b, [xs[i] for i in b.members], comm, buffer)
         for i, y in zip(b.members, done, strict=True):
             xs[i] = y
     return xs
@@ -166,16 +181,32 @@ def sync(
 
 class Synchronizer:
     """``sync`` with fixed collectives, its layout kept for as long as the tensors' shapes
-    and dtypes stay those it was made for (every step, in a training run)."""
+    and dtypes stay those it was made for (every step, in a training run).
 
-    def __init__(self, ops: Sequence[Sequence[CollectiveOp]], comm: Communicator):
-        self.ops, self.comm = ops, comm
+    ``reuse``: all-reduce buckets are packed into buffers kept from call to call and reduced
+    in place, as DDP's gradient buckets are: no fresh (page-faulting) buffer per step, no
+    second one for the result. The results are views of those buffers, valid until the next
+    call, so only a once-per-step sync whose results the step consumes may reuse them."""
+
+    def __init__(
+        self, ops: Sequence[Sequence[CollectiveOp]], comm: Communicator, reuse: bool = False
+    ):
+        self.ops, self.comm, self.reuse = ops, comm, reuse
         self._key: tuple = ()
         self._buckets: list[Bucket] = []
+        self._buffers: list[np.ndarray | None] | None = None
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         key = tuple((x.shape, x.dtype) for x in xs)
         if key != self._key:
             self._key = key
             self._buckets = layout(self.ops, [x.shape for x in xs], [x.dtype for x in xs])
-        return run(self._buckets, xs, self.comm)
+            if self.reuse and xs:
+                xp = array_module(xs[0])
+                self._buffers = [
+                    xp.empty(b.spans[-1][1], xs[b.members[0]].dtype)
+                    if b.ops[0].kind == "all_reduce" and len(b.members) > 1
+                    else None
+                    for b in self._buckets
+                ]
+        return run(self._buckets, xs, self.comm, self._buffers)

@@ -56,7 +56,8 @@ class Communicator(ABC):
         """Set up the groups this rank communicates over (every rank calls it once)."""
 
     @abstractmethod
-    def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray: ...
+    def all_reduce(self, x: np.ndarray, group: Group, op: str, inplace: bool = False) -> np.ndarray:
+        """``inplace``: the result may overwrite ``x`` (a contiguous buffer the caller owns)."""
 
     @abstractmethod
     def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray: ...
@@ -211,13 +212,16 @@ class MpiCommunicator(Communicator):
         time.sleep(ABORT_GRACE_SECONDS)
         self.world.Abort(1)
 
-    def all_reduce(self, x: np.ndarray, group: Group, op: str) -> np.ndarray:
+    def all_reduce(self, x: np.ndarray, group: Group, op: str, inplace: bool = False) -> np.ndarray:
         if len(group) == 1:
             return x
         x = contiguous(x)
-        out = np.empty_like(x)
+        out = x if inplace else np.empty_like(x)
         start = time.perf_counter()
-        self._wait(self._comm(group).Iallreduce(x, out, self._ops[op]), "all_reduce", group, start)
+        request = self._comm(group).Iallreduce(
+            self._mpi.IN_PLACE if inplace else x, out, self._ops[op]
+        )
+        self._wait(request, "all_reduce", group, start)
         return mean_of(out, len(group)) if op == "mean" else out
 
     def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray:

@@ -245,11 +245,11 @@ class NcclCommunicator(Communicator):
     def fail(self, message: str) -> None:
         self.mpi.fail(message)
 
-    def all_reduce(self, x, group: Group, op: str):
+    def all_reduce(self, x, group: Group, op: str, inplace: bool = False):
         if len(group) == 1:
             return x
         x = contiguous(self.cp.asarray(x))
-        out = self.cp.empty_like(x)
+        out = x if inplace else self.cp.empty_like(x)  # NCCL reduces in place when they match
         dtype, reduce = nccl_dtype(self.nccl, x.dtype), getattr(self.nccl, NCCL_OPS[op])
         self._run(
             "all_reduce",

@@ -131,7 +131,7 @@ class StageRunner:
         chains = [g.deferred for g in program.grads]
         if program.loss:
             chains.append(program.loss_sync)
-        self.grad_sync = Synchronizer(chains, comm)
+        self.grad_sync = Synchronizer(chains, comm, reuse=True)
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
