@@ -11,7 +11,9 @@ node's strategy performs collectives, and at phase boundaries.
 Final gradients whose collectives are linear (sum/mean all-reduce, reduce-scatter,
 all-gather) and that only the update phase reads are accumulated *before* those collectives,
 which then run once per step on the accumulated sum (Alpa's skipped grad-sync channels). So
-are the sum all-reduces of a partial sum that a reshape alone turns into such a gradient.
+do the all-reduces and reduce-scatters of a partial sum that a reshape alone turns into such a
+gradient (restated for the reshape's dims), and the loss's all-reduces (the loss is only
+reported: they run on the micro-batches' mean, in the gradients' buckets).
 """
 
 from __future__ import annotations
