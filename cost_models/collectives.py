@@ -12,9 +12,9 @@ Formulas (p ranks on the axis, n bytes, alpha latency, B per-rank bandwidth; pee
 A link may measure a kind's bandwidth apart (``Link.collective_bandwidth``: on CPU ranks an
 all-reduce's reduction runs at memory speed, far below what a plain copy between ranks gets);
 that kind's formula then uses it as B. Every collective and send also costs the link's
-``dispatch`` once per call: what the executor
-spends on the instruction besides the transfer (``Device.dispatch_latency``, see there).
-Bucketed gradient collectives pay it once per bucket, like alpha.
+``dispatch`` once per call: what the executor spends on the instruction besides the transfer
+(``Device.dispatch_latency``, see there). Bucketed gradient collectives pay it once per
+bucket, like alpha.
 
 An axis whose ranks sit on several hosts is *hierarchical*: g ranks per host on k hosts. Its
 collectives run the intra-host part on the host link and the inter-host part on the network,

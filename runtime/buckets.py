@@ -114,18 +114,14 @@ def layout(
 def run_bucket(
     b: Bucket, xs: list[np.ndarray], comm: Communicator, buffer: np.ndarray | None = None
 ) -> list[np.ndarray]:
-    """``run_collective(b.ops[i], xs[i])`` for every member with one call. ``buffer``: where
-    to pack an all-reduce's tensors (``b.spans[-1][1]`` elements), which it then reduces in
-    place: the results are views of it."""
+    """``run_collective(b.ops[i], xs[i])`` for every member with one call. ``buffer`` (only
+    for an all-reduce): where to pack its tensors (``b.spans[-1][1]`` elements), which it
+    then reduces in place: the results are views of it."""
     op = b.ops[0]
     p = len(op.group)
     if len(xs) == 1 or p == 1:
         return [run_collective(o, x, comm) for o, x in zip(b.ops, xs, strict=True)]
     xp = array_module(xs[0])
-    if buffer is not None and op.kind == "all_reduce":
-        xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
-        flat = comm.all_reduce(buffer, op.group, op.reduce, inplace=True)
-        return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
     if op.kind == "reduce_scatter":
         # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
         # each tensor is copied once, straight into its columns
@@ -133,9 +129,8 @@ def run_bucket(
         for o, x, (a, e) in zip(b.ops, xs, b.spans, strict=True):
             pre = math.prod(x.shape[: o.dim])
             xp.copyto(send[:, a:e].reshape(p, pre, -1), x.reshape(pre, p, -1).transpose(1, 0, 2))
-        flat = comm.reduce_scatter(send, op.group, 0, op.reduce).reshape(-1)
-        return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
-    flat = xp.concatenate([x.reshape(-1) for x in xs])
+        return _unpacked(b, comm.reduce_scatter(send, op.group, 0, op.reduce).reshape(-1))
+    flat = xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
     if op.kind == "all_gather":
         # every tensor is copied once, from the ranks' rows straight into its gathered layout
         everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
@@ -151,7 +146,13 @@ def run_bucket(
             )
             out.append(y)
         return out
-    flat = run_collective(op, flat, comm)
+    if buffer is not None:
+        return _unpacked(b, comm.all_reduce(flat, op.group, op.reduce, inplace=True))
+    return _unpacked(b, run_collective(op, flat, comm))
+
+
+def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
+    """The members' results: views of the flat buffer the call returned."""
     return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
 
 

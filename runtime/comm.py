@@ -183,12 +183,15 @@ class MpiCommunicator(Communicator):
             raise ValueError(f"rank {self.rank} is not in group {group}")
         return self._groups[group]
 
-    def _wait(self, request, what: str, peers: Sequence[int], start: float) -> None:
+    def _wait(
+        self, request, what: str, peers: Sequence[int], start: float, count: bool = True
+    ) -> None:
         """Poll ``request`` until done (MPICH progresses only while a rank polls). No sleeps:
         a sleep's wake-up latency (50 us to 1 ms) would dwarf a small collective. The first
         ``_SPIN`` polls spin (a peer arriving within microseconds is served at once), later
         ones yield the core so a peer sharing it still runs; the deadline is checked every
-        ``_CHECK`` polls. ``start`` is when the operation was issued."""
+        ``_CHECK`` polls. ``start`` is when the operation was issued; ``count``: add it to
+        ``seconds``/``calls`` (the data plane's, not the control plane's)."""
         deadline = start + self.timeout
         test = request.Test
         spins = 0
@@ -201,8 +204,9 @@ class MpiCommunicator(Communicator):
                 )
             if spins > _SPIN:
                 os.sched_yield()
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
+        if count:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
 
     def fail(self, message: str) -> None:
         sys.stderr.write(f"alpa-plan: rank {self.rank}: {message}; aborting the job\n")
@@ -294,9 +298,9 @@ class MpiCommunicator(Communicator):
     def all_gather_host(self, x: np.ndarray) -> np.ndarray:
         x = contiguous(x)
         out = np.empty((self.size, *x.shape), x.dtype)
-        seconds, calls, start = self.seconds, self.calls, time.perf_counter()
-        self._wait(self.world.Iallgather(x, out), "all_gather", range(self.size), start)
-        self.seconds, self.calls = seconds, calls
+        start = time.perf_counter()
+        request = self.world.Iallgather(x, out)
+        self._wait(request, "all_gather", range(self.size), start, count=False)
         return out
 
     def broadcast_object(self, obj: object, root: int) -> object:

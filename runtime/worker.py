@@ -129,7 +129,7 @@ class StageRunner:
         }
         # the gradients' deferred collectives, and the loss's (see ``StageProgram.loss_sync``)
         chains = [g.deferred for g in program.grads]
-        if program.loss:
+        if program.loss is not None:
             chains.append(program.loss_sync)
         self.grad_sync = Synchronizer(chains, comm, reuse=True)
 
