@@ -247,6 +247,7 @@ def _plan_auto(
     stage = np.full((num, num, len(shapes), width), np.inf)
     summed = np.full_like(stage, np.inf)
     step = np.full_like(stage, np.inf)
+    added = np.full_like(stage, np.inf)
     inflight = np.full(stage.shape, -1, dtype=np.int64)
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     part = (prefix[None, 1:] - prefix[:-1, None]) / total  # FLOP share of layers i..j
@@ -259,16 +260,16 @@ def _plan_auto(
         keep = whole if share == 1.0 else ((part >= share / 4) & (part <= share * 4) | (num <= 2))
         for c, mesh in enumerate(meshes):
             rc = range_costs(costs, mesh, cut)
-            stage[:, :, m, c] = np.where(keep, rc.per_microbatch, np.inf)
+            # the DP's t_max term is the steady state's: a micro-batch and its gradient addition
+            stage[:, :, m, c] = np.where(keep, rc.per_microbatch + rc.accumulate, np.inf)
             summed[:, :, m, c] = np.where(keep, rc.per_microbatch + rc.per_step, np.inf)
             step[:, :, m, c] = np.where(keep, rc.per_step, np.inf)
+            added[:, :, m, c] = np.where(keep, rc.accumulate, np.inf)
             inflight[:, :, m, c] = np.where(keep, _max_inflight(rc, _memory_limit(cluster)), -1)
 
     def exact(choices: list[StageChoice]) -> float:
-        """T = sum t + (B-1) max t + max u: the update runs once per step, in parallel."""
-        t = [stage[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
-        u = [step[c.start, c.stop - 1, c.submesh, c.config] for c in choices]
-        return sum(t) + (microbatches - 1) * max(t) + max(u)
+        at = [(c.start, c.stop - 1, c.submesh, c.config) for c in choices]
+        return pipeline_time([(stage[k] - added[k], step[k], added[k]) for k in at], microbatches)
 
     result = stage_dp(
         stage,
@@ -317,7 +318,10 @@ def _single_stage(
     best = None
     for mesh in meshes:
         rc = range_costs(costs, mesh, cut)
-        t = microbatches * rc.per_microbatch[0, num - 1] + rc.per_step[0, num - 1]
+        last = (0, num - 1)
+        t = pipeline_time(
+            [(rc.per_microbatch[last], rc.per_step[last], rc.accumulate[last])], microbatches
+        )
         if best is None or t < best[1] - 1e-15:
             best = (mesh, t)
     mesh, t = best
@@ -372,15 +376,25 @@ def megatron_grid(cluster: Cluster, num_layers: int) -> list[tuple[int, int, int
     return grid
 
 
+def pipeline_time(times: list[tuple[float, float, float]], microbatches: int) -> float:
+    """T = sum t + (B-1) max (t + a) + max u over stages of (t per micro-batch, u per step,
+    a per gradient addition): the first micro-batch crosses every stage, the other B - 1
+    pass the slowest one at its steady rate (each adding its gradients), and the updates
+    run once per step, in parallel."""
+    steady = max(t + a for t, _, a in times)
+    return sum(t for t, _, _ in times) + (microbatches - 1) * steady + max(u for _, u, _ in times)
+
+
 def _pipeline_latency(
     costs: StageCostModel, picks: list[StagePick], cut: np.ndarray, microbatches: int
-) -> tuple[float, list[tuple[float, float]]]:
+) -> tuple[float, list[tuple[float, float, float]]]:
+    """Iteration seconds, and (per micro-batch, per step, gradient addition) of each stage."""
     times = []
     for p in picks:
         rc = range_costs(costs, p.mesh, cut)
-        times.append((rc.per_microbatch[p.start, p.stop - 1], rc.per_step[p.start, p.stop - 1]))
-    t = sum(a for a, _ in times) + (microbatches - 1) * max(a for a, _ in times)
-    return t + max(b for _, b in times), times
+        i, j = p.start, p.stop - 1
+        times.append((rc.per_microbatch[i, j], rc.per_step[i, j], rc.accumulate[i, j]))
+    return pipeline_time(times, microbatches), times
 
 
 def stage_peaks(
@@ -850,13 +864,11 @@ def _predict(
     cand: Candidate,
     cluster: Cluster,
     opts: CompileOptions,
-    times: list[tuple[float, float]],
+    times: list[tuple[float, float, float]],
     stages: list[StagePlan],
 ) -> Predicted:
     b = cand.microbatches
-    per_mb = [t for t, _ in times]
-    per_step = [u for _, u in times]
-    iteration = sum(per_mb) + (b - 1) * max(per_mb) + max(per_step)
+    iteration = pipeline_time(times, b)
     flops = 0.0
     lower = 0.0
     for node in graph:
@@ -867,15 +879,17 @@ def _predict(
     lower /= cluster.num_devices
     updates = {node.name for node in graph if phase_of(node) == "update"}
     predictions = []
-    for stage, t, u in zip(stages, per_mb, per_step, strict=True):
-        # the update's compute runs once per step (in u), the rest once per micro-batch (in t)
+    for stage, (t, u, add) in zip(stages, times, strict=True):
+        # the update's compute runs once per step (in u), the rest once per micro-batch (in t);
+        # B - 1 gradient additions count as compute
         once = sum(n.compute for name, n in stage.nodes.items() if name in updates)
         compute = min(t, stage.compute - once)
+        busy = b * t + (b - 1) * add + u
         predictions.append(
             StagePrediction(
-                compute=b * compute + min(u, once),
+                compute=b * compute + (b - 1) * add + min(u, once),
                 communication=b * (t - compute) + max(0.0, u - once),
-                bubble=max(0.0, iteration - b * t - u),
+                bubble=max(0.0, iteration - busy),
             )
         )
     mfu = (

@@ -7,12 +7,14 @@ then costs the sum of its layers plus the resharding on edges between its layers
 transfer of the activations entering it from the previous stage.
 
 Costs are split by when they happen: per micro-batch (forward/backward compute, their
-collectives, resharding) and per step (the optimizer update, and the gradient synchronisation
-that gradient accumulation performs once per step).
+collectives, resharding; and apart, adding the micro-batch's gradients into the step's sums,
+which the first micro-batch skips) and per step (the optimizer update, and the gradient
+synchronisation that gradient accumulation performs once per step).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ import onnx_ir as ir
 
 from cost_models.cluster import Cluster
 from cost_models.collectives import send_recv
+from cost_models.compute import op_time
 from planner.graph import Role, itemsize, nbytes, role_of, shape_of
 from planner.intra_op import IntraOpOptions, IntraOpSolution, solve_intra_op
 from planner.layers import Layer, phase_of
@@ -38,6 +41,7 @@ class LayerCost:
     per_step: float
     compute: float
     communication: float
+    accumulate: float  # adding one micro-batch's gradients into the step's sums
     static_memory: float  # params + grads + optimizer state
     stash_memory: float  # forward activations the backward pass reads, per micro-batch
     transient_memory: float  # peak working set beyond the stash
@@ -124,10 +128,29 @@ class StageCostModel:
             per_step=sol.per_step,
             compute=sol.compute,
             communication=sol.communication + sol.resharding,
+            accumulate=self._accumulate_seconds(nodes, sol),
             static_memory=memory["params"] + memory["grads"] + memory["opt_state"],
             stash_memory=stash,
             transient_memory=max(0.0, memory["activations"] - stash),
         )
+
+    def _accumulate_seconds(self, nodes: list[ir.Node], sol: IntraOpSolution) -> float:
+        """Gradient accumulation adds each micro-batch's gradients, as the backward pass
+        leaves them (before their deferred all-reduce or reduce-scatter, so a gradient
+        reduce-scattered once per step is summed whole), into the step's sums: read two
+        tensors, write one, one kernel per gradient. Real memory traffic that grows with the
+        micro-batch count, which Alpa's cost model leaves out."""
+        total = 0.0
+        for node in nodes:
+            for j, out in enumerate(node.outputs):
+                if role_of(out) is not Role.GRAD:
+                    continue
+                size = local_bytes(out, sol.specs[out.name], sol.mesh)
+                for c in sol.strategies[node.name].collectives:
+                    if c.kind == "reduce_scatter" and c.tensor == f"out{j}":
+                        size *= math.prod(sol.mesh.shape[a] for a in c.axes)
+                total += op_time(0.0, 3 * size, self.cluster.device)
+        return total
 
     def edges(self, mesh: LogicalMesh) -> np.ndarray:
         """edges[a, b]: resharding on the edges from layer a into layer b on ``mesh``."""
@@ -180,12 +203,18 @@ def transfer_seconds(cluster: Cluster, nbytes_in: float, stage_devices: int) -> 
 
 @dataclass(frozen=True)
 class RangeCosts:
-    """Costs of every layer range [i, j] on one logical mesh, from prefix sums."""
+    """Costs of every layer range [i, j] on one logical mesh, from prefix sums.
+
+    ``accumulate`` is adding one micro-batch's gradients into the step's sums, paid B - 1
+    times a step (the first micro-batch's gradients start the sums): not in
+    ``per_microbatch`` (see ``planner.compiler.pipeline_time``).
+    """
 
     per_microbatch: np.ndarray  # (L, L)
     per_step: np.ndarray
     compute: np.ndarray
     communication: np.ndarray
+    accumulate: np.ndarray  # one addition of a micro-batch's gradients
     static_memory: np.ndarray
     stash_memory: np.ndarray
     transient_memory: np.ndarray
@@ -212,6 +241,7 @@ def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray) -> Ra
             acc["per_step"] += c.per_step
             acc["compute"] += c.compute
             acc["communication"] += c.communication
+            acc["accumulate"] += c.accumulate
             acc["static_memory"] += c.static_memory
             acc["stash_memory"] += c.stash_memory
             acc["transient_memory"] = max(acc["transient_memory"], c.transient_memory)

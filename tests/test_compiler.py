@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from cost_models.cluster import resolve_cluster
+from cost_models.compute import op_time
 from planner.compare import compare
 from planner.compiler import (
     CompileOptions,
@@ -20,10 +21,13 @@ from planner.compiler import (
     place_stages,
     submesh_shapes,
 )
+from planner.graph import Role, nbytes, role_of, values_of
 from planner.importer import ImportOptions
 from planner.layers import phase_of
 from planner.mesh import make_mesh
 from planner.plan_io import load_plan
+from planner.stage_costs import range_costs
+from planner.strategies.base import local_bytes
 from planner.training import TrainingOptions
 from tests.conftest import FIXTURES
 
@@ -288,3 +292,38 @@ def test_bad_logical_mesh_is_one_line_exit_2(args, message, tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["data", "zero2"])
+def test_gradient_accumulation_is_priced_per_extra_microbatch(method):
+    """Each micro-batch after the first adds its gradients into the step's sums: 3 x their
+    bytes of memory traffic and a kernel per gradient. Data parallelism sums them whole;
+    ZeRO-2 sums a gradient its strategy reduce-scatters whole too (the executor sums before
+    the once-per-step sync), so it pays more than its sharded gradients' bytes."""
+    cluster = resolve_cluster("cpu:2")
+    opts = CompileOptions(
+        method=method, training=TrainingOptions(loss="cross_entropy", labels="labels")
+    )
+    session = Session(GPT2, ImportOptions(dims={"batch": 8, "seq": 16}), cluster, opts)
+    prep = session.prepared(2)
+    mesh = make_mesh(cluster, (0, 1), (2,))
+    costs = session.costs(prep, method)
+    rc = range_costs(costs, mesh, prep.cut)
+    last = len(prep.layers) - 1
+    grads = [v for v in values_of(prep.graph) if role_of(v) is Role.GRAD]
+    assert len(grads) > 20
+    whole = sum(op_time(0.0, 3 * nbytes(g), cluster.device) for g in grads)
+    if method == "data":
+        assert rc.accumulate[0, last] == pytest.approx(whole, rel=1e-9)
+    else:
+        specs = {
+            k: v for i in range(last + 1) for k, v in costs.layer(i, mesh).solution.specs.items()
+        }
+        sharded = sum(
+            op_time(0.0, 3 * local_bytes(g, specs[g.name], mesh), cluster.device) for g in grads
+        )
+        assert sharded < rc.accumulate[0, last] <= whole
+    # two micro-batches, one step: one addition
+    plan = session.plan(method, 2)
+    t, u, a = rc.per_microbatch[0, last], rc.per_step[0, last], rc.accumulate[0, last]
+    assert plan.latency == pytest.approx(2 * t + a + u, rel=1e-9)
