@@ -297,7 +297,7 @@ def cluster_from_measurements(
 
 def run_workers(ranks: int, threads: int, budget: float, workloads: Sequence[str] = ()) -> dict:
     """Launch the profile worker on ``ranks`` MPI ranks and return rank 0's measurements."""
-    from runtime.launch import mpiexec
+    from runtime.launch import binding, mpiexec
 
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="alpa-profile-") as tmp:
@@ -305,6 +305,7 @@ def run_workers(ranks: int, threads: int, budget: float, workloads: Sequence[str
         extra = [x for w in workloads for x in ("--workload", w)]
         cmd = [
             mpiexec(),
+            *binding(ranks),  # measured as `run` places its ranks
             "-n",
             str(ranks),
             sys.executable,

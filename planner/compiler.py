@@ -57,6 +57,7 @@ from planner.stage_dp import StageChoice, stage_dp
 from planner.training import TrainingOptions, build_training_step
 
 METHODS = ("auto", "shard", "data", "zero2", "zero3", "megatron")
+BASELINES = ("data", "zero2", "zero3")  # single-stage methods auto also prices
 MAX_MICROBATCH_CANDIDATES = 4
 ALTERNATIVES_KEPT = 3
 
@@ -520,6 +521,22 @@ class Session:
                     grid_peak = max(stage_peaks(costs, grid, prep.cut, count))
                     if grid_peak <= self.cluster.device.memory_bytes:
                         picks, latency, peak = grid, t, grid_peak
+            # and so are the hand-written methods' plans, which the shard ILP can miss: it
+            # merges followers into their operand's group (as Alpa does), a heuristic that
+            # the methods' filters change the outcome of
+            for base in BASELINES:
+                other = self.plan(base, count)
+                if (
+                    other is not None
+                    and other.latency < latency - 1e-15
+                    and other.peak_memory <= self.cluster.device.memory_bytes
+                ):
+                    costs, picks, latency, peak = (
+                        other.costs,
+                        other.stages,
+                        other.latency,
+                        other.peak_memory,
+                    )
         return Candidate(
             count,
             prep.graph,

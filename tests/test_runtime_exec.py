@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from runtime.checkpoint import load_full
-from runtime.launch import mpiexec
+from runtime.launch import binding, mpiexec
 from runtime.verify import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,35 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     result = _mpi(4, script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok") == 4
+
+
+def test_ranks_are_pinned_to_their_share_of_the_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("ALPA_BIND", raising=False)
+    assert binding(2) == ["-bind-to", "hwthread:2"]
+    assert binding(4) == ["-bind-to", "hwthread:1"]
+    assert binding(8) == []  # more ranks than CPUs: the OS shares them out
+    monkeypatch.setenv("ALPA_BIND", "none")
+    assert binding(2) == []
+    # and mpiexec really pins them: a CPU each
+    monkeypatch.undo()
+    cpus = len(os.sched_getaffinity(0))
+    proc = subprocess.run(
+        [
+            mpiexec(),
+            *binding(cpus),
+            "-n",
+            str(cpus),
+            "grep",
+            "Cpus_allowed_list",
+            "/proc/self/status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    allowed = sorted(line.split()[-1] for line in proc.stdout.splitlines())
+    assert proc.returncode == 0 and allowed == sorted(str(c) for c in os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("fate", ["time.sleep(60)", "os._exit(1)"])
