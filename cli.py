@@ -346,8 +346,8 @@ def profile_cmd(
     click.echo(
         f"wrote {output}: {d.peak_flops['float32'] / 1e9:.3g} GFLOP/s, "
         f"{d.memory_bandwidth / 1e9:.3g} GB/s, {d.kernel_latency * 1e6:.3g} us/op, "
-        f"{d.dispatch_latency * 1e6:.3g} us/instruction, efficiency {d.compute_efficiency:.2f} "
-        "in lockstep, link "
+        f"{d.dispatch_latency * 1e6:.3g} us/instruction, efficiency {d.compute_efficiency:.2f}, "
+        f"{d.sync_jitter * 1e-3**0.5 * 1e3:.2g} ms waiting per sync after 1 ms of work, link "
         f"{c.intra_host.bandwidth / 1e9:.3g} GB/s + {c.intra_host.latency * 1e6:.3g} us"
     )
 

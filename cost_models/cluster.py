@@ -49,6 +49,14 @@ class Device(_Strict):
     memory_bandwidth: PositiveFloat = Field(description="bytes/s")
     compute_efficiency: float = Field(0.7, gt=0, le=1, description="achieved / peak FLOP/s")
     memory_efficiency: float = Field(0.7, gt=0, le=1, description="achieved / peak bytes/s")
+    sync_jitter: float = Field(
+        0.0,
+        ge=0,
+        description="seconds^0.5: ranks' compute times jitter independently, so at each "
+        "collective the ranks wait for the slowest, on average sync_jitter * sqrt(seconds of "
+        "work since the previous collective) (`profile` measures it; about 0 on dedicated "
+        "GPUs, 0.005 on a shared 2-core VM)",
+    )
     kernel_latency: float = Field(5e-6, ge=0, description="seconds of fixed cost per op")
     dispatch_latency: float = Field(
         0.0,

@@ -151,6 +151,16 @@ def all_to_all(n: float, link: AxisLink) -> float:
     return link.dispatch + _ring(link.size, n, alpha, intra_bw, 1.0)
 
 
+def sync_wait(jitter: float, syncs: float, seconds: float) -> float:
+    """Seconds ranks spend waiting for the slowest at ``syncs`` collectives spread over
+    ``seconds`` of work: each ends a segment of seconds / syncs whose length jitters
+    independently per rank, by about sqrt(its length) (``Device.sync_jitter``), so
+    syncs * jitter * sqrt(seconds / syncs) = jitter * sqrt(syncs * seconds)."""
+    if syncs <= 0 or seconds <= 0:
+        return 0.0
+    return jitter * math.sqrt(syncs * seconds)
+
+
 def send_recv(n: float, alpha: float, bandwidth: float, dispatch: float = 0.0) -> float:
     return dispatch + alpha + n / bandwidth if n > 0 else 0.0
 

@@ -11,20 +11,23 @@ yaml that ``compile --cluster FILE`` accepts:
 - kernel latency: the slope of session time over a chain of tiny Adds (cost per extra op);
 - dispatch latency: what the executor (its own ``StageRunner``) pays per communication
   instruction besides the transfer: the instruction, and the session call it splits off;
-- synchronisation: the share of its rate a rank keeps when all ranks wait for each other at
-  every collective (stored as the compute and memory efficiencies);
+- synchronisation: how long ranks wait for the slowest when they synchronise after every
+  segment of work, per square root of the segment's seconds (stored as ``sync_jitter``; the
+  planner charges it at every collective of a stage of several devices, see
+  ``cost_models.collectives.sync_wait``). Measured on the workloads' real training steps
+  when given (their jitter is what a plan's segments see), else on MatMul segments;
 - workloads (optional): one-device training steps of the model to plan, run by the executor;
   their measured time against the roofline's gives the share of the rates real graphs get
-  (stored in the efficiencies) and, from two or more sizes, what every op pays (stored as
-  ``kernel_latency``: real ops cost more than a tiny Add);
+  (stored as the compute and memory efficiencies) and, from two or more sizes, what every op
+  pays (stored as ``kernel_latency``: real ops cost more than a tiny Add);
 - links: every collective kind and send/recv at several sizes through the executor's MPI
   communicator; one alpha and a bandwidth per kind fitted by least squares on relative error
   to the very formulas of ``cost_models.collectives`` (send/recv's is the link's bandwidth,
   the others go to ``collective_bandwidth``).
 
-Measured rates are stored as the peak and the synchronisation share as the efficiency: the
-yaml then says what this machine achieves, and ``peak * efficiency`` in the roofline is the
-rate a rank keeps in a synchronous step.
+Measured rates are stored as the peak and the share as the efficiency: the yaml then says
+what this machine achieves, and ``peak * efficiency`` in the roofline is the rate a rank
+keeps in a step.
 Simulated hosts (``cpu:HxN``) share one machine's transport, so both links get the fitted one.
 """
 
@@ -253,13 +256,17 @@ def cluster_from_measurements(
     bandwidth = min(r["memory_bandwidth"] for r in ranks)
     latency = max(float(np.median([r["kernel_latency"] for r in ranks])), 1e-7)
     sync = measured.get("sync") or {}
-    efficiency = float(sync.get("efficiency", 1.0))
+    steps = measured.get("workload_sync") or []
+    # real steps' jitter when measured (what a plan's segments see), else the MatMuls'
+    jitter = float(np.median([w["jitter"] for w in steps])) if steps else sync.get("jitter", 0.0)
+    efficiency = 1.0
     data = base.model_dump()
     data["device"] |= {
         "peak_flops": peak,
         "memory_bandwidth": bandwidth,
         "compute_efficiency": 1.0,
         "memory_efficiency": 1.0,
+        "sync_jitter": jitter,
         "kernel_latency": latency,
         "dispatch_latency": max(r["dispatch"] for r in ranks),
     }
@@ -268,6 +275,7 @@ def cluster_from_measurements(
         "threads_per_rank": measured["threads"],
         "session_call_seconds": float(np.median([r["session_call"] for r in ranks])),
         "sync": sync,
+        "workload_sync": steps,
     }
     seconds = measured.get("workload_seconds") or []
     if workloads and seconds:
@@ -281,7 +289,7 @@ def cluster_from_measurements(
             "per_op": per_op,
             "tiny_op": latency,
         }
-        efficiency *= share
+        efficiency = share
         data["device"]["kernel_latency"] = per_op
     data["device"] |= {"compute_efficiency": efficiency, "memory_efficiency": efficiency}
     if measured["comm"]:
@@ -339,12 +347,16 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
         f"{summary['session_call_seconds'] * 1e6:.1f} us); dispatch_latency = the executor's",
         "# cost per communication instruction (its dispatch and the session call it splits off).",
     ]
-    sync = summary.get("sync")
-    if sync:
+    segments = [summary["sync"]] if summary.get("sync") else []
+    segments += summary.get("workload_sync") or []
+    if segments:
+        took = ", ".join(
+            f"{s['segment_seconds'] * 1e3:.2f} -> {s['lockstep_seconds'] * 1e3:.2f} ms"
+            for s in segments
+        )
         head.append(
-            "# Efficiencies: ranks synchronising after every "
-            f"{sync['segment_seconds'] * 1e3:.2f} ms segment took "
-            f"{sync['lockstep_seconds'] * 1e3:.2f} ms per segment (waiting for the slowest)."
+            "# sync_jitter: segments synchronised after each (MatMuls, then the workloads) "
+            f"took {took} (waiting for the slowest)."
         )
     work = summary.get("workload")
     if work:
@@ -353,8 +365,8 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
         head += [
             f"# Workload training steps took {took} ms where the roofline at these rates says "
             f"{says} ms:",
-            f"# real graphs get {work['share']:.0%} of the rates (times the synchronisation "
-            f"share: the efficiencies) and pay {work['per_op'] * 1e6:.2f} us per op",
+            f"# real graphs get {work['share']:.0%} of the rates (the efficiencies) and pay "
+            f"{work['per_op'] * 1e6:.2f} us per op",
             f"# (kernel_latency; {work['tiny_op'] * 1e6:.2f} us for a tiny Add).",
         ]
     if "link_fit_median_relative_error" in summary:

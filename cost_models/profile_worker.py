@@ -3,7 +3,7 @@
 Every rank measures compute at the same time, because that is how the executor runs them:
 N ranks on one machine share its cores, caches and memory bandwidth, so a lone process would
 overstate what each rank achieves. What synchronising at collectives costs on top is measured
-apart (``sync_efficiency``), and so is what the executor pays per communication instruction
+apart (``lockstep``), and so is what the executor pays per communication instruction
 (``dispatch_seconds``, through the executor's own ``StageRunner``). Communication goes through
 the executor's own ``runtime.comm.MpiCommunicator`` so the fitted alpha includes its polling
 and copies, not only MPICH's. Rank 0 writes every sample as JSON; ``cost_models.profile`` fits
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -50,17 +51,40 @@ def _mean_over(
     return float(comm.world.allreduce(spent / reps, op=MAX))
 
 
-def sync_efficiency(comm, threads: int, budget: float) -> dict:
-    """The share of its compute rate a rank keeps when the ranks synchronise after every
-    segment, as a training step does at each collective. Alone, ranks drift; in lockstep every
-    rank waits for the slowest at each collective, so whatever slows one rank (other ranks or
-    other work on the machine's cores) stalls all of them. Measured as the time of a segment
-    of MatMuls run concurrently on all ranks without synchronising, over the time the same
-    segment adds when each is followed by a 4-byte all-reduce (the all-reduce's own time, run
-    back to back, subtracted). Rounds alternate so a change of load hits both alike, and the
+def lockstep(comm, segment: Callable[[], object], budget: float) -> dict:
+    """What ranks lose waiting for each other when they synchronise after every ``segment``,
+    as a training step does at each collective: alone, ranks drift; in lockstep every rank
+    waits for the slowest, and each segment's time jitters independently per rank. Measured
+    as the time of ``segment`` run concurrently on all ranks without synchronising, and the
+    time it takes when each is followed by a 4-byte all-reduce (the all-reduce's own time,
+    run back to back, subtracted). The wait grows as the square root of the segment (its
+    jitter does), so it is stored as ``jitter`` = wait / sqrt(segment seconds)
+    (``Device.sync_jitter``). Rounds alternate so a change of load hits both alike, and the
     median round of each counts."""
     everyone = tuple(range(comm.size))
     one = np.ones(1, np.float32)
+
+    def locked() -> None:
+        segment()
+        comm.all_reduce(one, everyone, "sum")
+
+    free, together, sync = [], [], []
+    for _ in range(SYNC_ROUNDS):
+        free.append(_mean_over(segment, budget, comm))
+        together.append(_mean_over(locked, budget, comm))
+        sync.append(_mean_over(lambda: comm.all_reduce(one, everyone, "sum"), budget / 4, comm))
+    # medians: a round that a burst of other work on the machine hit says nothing about sync
+    alone = float(np.median(free))
+    waited = max(0.0, float(np.median(together) - np.median(sync)) - alone)
+    return {
+        "segment_seconds": alone,
+        "lockstep_seconds": alone + waited,
+        "jitter": waited / math.sqrt(alone) if alone > 0 else 0.0,
+    }
+
+
+def matmul_segment(comm, threads: int) -> Callable[[], None]:
+    """About SEGMENT_SECONDS of MatMuls, the same count on every rank."""
     work = P.matmul_runner(128, "float32", threads)
     work()
     start = time.perf_counter()
@@ -72,22 +96,7 @@ def sync_efficiency(comm, threads: int, budget: float) -> dict:
         for _ in range(k):
             work()
 
-    def lockstep() -> None:
-        segment()
-        comm.all_reduce(one, everyone, "sum")
-
-    free, locked, sync = [], [], []
-    for _ in range(SYNC_ROUNDS):
-        free.append(_mean_over(segment, budget, comm))
-        locked.append(_mean_over(lockstep, budget, comm))
-        sync.append(_mean_over(lambda: comm.all_reduce(one, everyone, "sum"), budget / 4, comm))
-    # medians: a round that a burst of other work on the machine hit says nothing about sync
-    alone, together = float(np.median(free)), float(np.median(locked) - np.median(sync))
-    return {
-        "segment_seconds": alone,
-        "lockstep_seconds": together,
-        "efficiency": min(1.0, alone / together) if together > 0 else 1.0,
-    }
+    return segment
 
 
 def dispatch_seconds(comm, threads: int, budget: float) -> float:
@@ -133,12 +142,13 @@ def dispatch_seconds(comm, threads: int, budget: float) -> float:
     return max(0.0, _mean_over(pair, budget, comm, less=lambda: comm.seconds))
 
 
-def workload_seconds(folder: str, comm, budget: float) -> float:
+def workload(folder: str, comm, budget: float) -> dict:
     """Seconds of one training step of a one-device plan's workload (saved by
     ``cost_models.profile``), run by the executor's ``StageRunner`` on every rank at once:
     what real graphs (their transcendental, reduction, scatter and layout ops, not only
     MatMuls and Adds) and the executor's own work around their sessions take, against what
-    the roofline says. The slowest rank's mean."""
+    the roofline says (the slowest rank's mean); and with several ranks, how much a real
+    step's time jitters: its ``lockstep`` with a sync after every step."""
     from planner.plan_io import load_plan
     from runtime.data import synthetic_batch
     from runtime.partition import build_stage, cpu_session
@@ -159,13 +169,17 @@ def workload_seconds(folder: str, comm, budget: float) -> float:
     while steps < 3 or time.perf_counter() - start < budget:
         one()
         steps += 1
-    return float(comm.world.allreduce((time.perf_counter() - start) / steps, op=MAX))
+    seconds = float(comm.world.allreduce((time.perf_counter() - start) / steps, op=MAX))
+    return {
+        "seconds": seconds,
+        "lockstep": lockstep(comm, one, budget / 5) if comm.size > 1 else None,
+    }
 
 
 def comm_samples(comm, threads: int, budget: float) -> list[dict]:
     """Every collective kind over all ranks, and send/recv between 0 and 1,
     back to back through the executor's communicator (waiting for a slower peer is the
-    synchronisation cost ``sync_efficiency`` measures; counting it here too would charge it
+    synchronisation cost ``lockstep`` measures; counting it here too would charge it
     twice)."""
     everyone = tuple(range(comm.size))
     samples = []
@@ -217,9 +231,9 @@ def main(argv: list[str]) -> int:
     compute["dispatch"] = dispatch_seconds(comm, args.threads, args.budget)
     everyone = comm.world.gather(compute, root=0)
     sync, samples = {}, []
-    workload = [workload_seconds(w, comm, 20 * args.budget) for w in args.workload]
+    workloads = [workload(w, comm, 20 * args.budget) for w in args.workload]
     if comm.size > 1:
-        sync = sync_efficiency(comm, args.threads, args.budget)
+        sync = lockstep(comm, matmul_segment(comm, args.threads), args.budget)
         samples = comm_samples(comm, args.threads, args.budget)
     if comm.rank == 0:
         result = {
@@ -227,7 +241,8 @@ def main(argv: list[str]) -> int:
             "threads": args.threads,
             "compute": everyone,
             "sync": sync,
-            "workload_seconds": workload,
+            "workload_seconds": [w["seconds"] for w in workloads],
+            "workload_sync": [w["lockstep"] for w in workloads if w["lockstep"]],
             "comm": samples,
         }
         Path(args.output).write_text(json.dumps(result, indent=2))

@@ -109,6 +109,8 @@ class IntraOpSolution:
     communication: float
     resharding: float
     per_step: float  # the part of compute + communication + resharding paid once per step
+    syncs: int  # collective calls per micro-batch (each a point where the ranks wait)
+    step_syncs: frozenset[str]  # kinds of the once-per-step collectives (a bucket each)
     memory: dict[str, float]  # params, grads, opt_state, activations: bytes per device
     stats: IlpStats
     notes: list[str] = field(default_factory=list)
@@ -811,6 +813,9 @@ def _solution(
             specs[out.name] = spec
     reshards = []
     per_step = 0.0
+    syncs = 0
+    gathers_state = False  # the executor buckets the reshards of state it reads: one call
+    step_kinds: set[str] = set()  # once-per-step collectives, bucketed by kind
     for v, vx in enumerate(verts):
         values = vx.input_values()
         for slot, p in enumerate(vx.inputs):
@@ -822,10 +827,21 @@ def _solution(
             if src != dst:
                 reshards.append(EdgeReshard(value.name, vx.name, src, dst, seconds, steps))
                 per_step += seconds if vx.once[2] else 0.0
+                kinds = {step.kind for step in steps} - {"slice"}
+                if vx.once[2]:
+                    step_kinds |= kinds
+                calls = 0 if vx.once[2] else sum(step.kind != "slice" for step in steps)
+                if calls and verts[p[0]].kind == "source":
+                    gathers_state = True
+                else:
+                    syncs += calls
     node_ids = [v for v, vx in enumerate(verts) if vx.kind == "node"]
     for v in node_ids:
         once = verts[v].once
         per_step += (chosen[v].compute if once[0] else 0.0) + (chosen[v].comm if once[1] else 0.0)
+        syncs += 0 if once[1] else len(chosen[v].collectives)
+        step_kinds |= {c.kind for c in chosen[v].collectives} if once[1] else set()
+    syncs += gathers_state
     return IntraOpSolution(
         mesh=builder.mesh,
         method=options.method,
@@ -837,6 +853,8 @@ def _solution(
         communication=sum(chosen[v].comm for v in node_ids),
         resharding=sum(r.seconds for r in reshards),
         per_step=per_step,
+        syncs=syncs,
+        step_syncs=frozenset(step_kinds),
         memory=_memory(builder, specs),
         stats=stats,
         notes=builder.notes,

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cost_models.cluster import Cluster
-from cost_models.collectives import send_recv
+from cost_models.collectives import send_recv, sync_wait
 from cost_models.compute import op_time
 from planner.graph import Role, itemsize, nbytes, role_of, shape_of
 from planner.intra_op import IntraOpOptions, IntraOpSolution, solve_intra_op
@@ -42,6 +42,8 @@ class LayerCost:
     compute: float
     communication: float
     accumulate: float  # adding one micro-batch's gradients into the step's sums
+    syncs: int  # collective calls per micro-batch
+    step_syncs: frozenset[str]  # kinds of once-per-step collectives (bucketed by kind)
     static_memory: float  # params + grads + optimizer state
     stash_memory: float  # forward activations the backward pass reads, per micro-batch
     transient_memory: float  # peak working set beyond the stash
@@ -129,6 +131,8 @@ class StageCostModel:
             compute=sol.compute,
             communication=sol.communication + sol.resharding,
             accumulate=self._accumulate_seconds(nodes, sol),
+            syncs=sol.syncs,
+            step_syncs=sol.step_syncs,
             static_memory=memory["params"] + memory["grads"] + memory["opt_state"],
             stash_memory=stash,
             transient_memory=max(0.0, memory["activations"] - stash),
@@ -208,6 +212,12 @@ class RangeCosts:
     ``accumulate`` is adding one micro-batch's gradients into the step's sums, paid B - 1
     times a step (the first micro-batch's gradients start the sums): not in
     ``per_microbatch`` (see ``planner.compiler.pipeline_time``).
+
+    On a mesh of several devices, ranks wait for the slowest at each collective: per
+    micro-batch ``sync_wait`` over the range's collectives and work, per step one more wait
+    per kind of once-per-step collective (the executor buckets them by kind), each after a
+    segment of average length. Not additive over layers (it grows as a square root), so it
+    is added per range, not per layer.
     """
 
     per_microbatch: np.ndarray  # (L, L)
@@ -230,12 +240,16 @@ def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray) -> Ra
     edge = model.edges(mesh)
     shape = (num, num)
     out = {k: np.full(shape, np.inf) for k in RangeCosts.__dataclass_fields__}
+    jitter = model.cluster.device.sync_jitter if mesh.num_devices > 1 else 0.0
     for i in range(num):
         acc = dict.fromkeys(out, 0.0)
-        inner = 0.0
+        inner = syncs = 0.0
+        step_kinds: set[str] = set()
         transfer = transfer_seconds(model.cluster, cut[i], mesh.num_devices) if i else 0.0
         for j in range(i, num):
             c = costs[j]
+            syncs += c.syncs
+            step_kinds |= c.step_syncs
             inner += edge[i:j, j].sum()
             acc["per_microbatch"] += c.per_microbatch
             acc["per_step"] += c.per_step
@@ -247,7 +261,11 @@ def range_costs(model: StageCostModel, mesh: LogicalMesh, cut: np.ndarray) -> Ra
             acc["transient_memory"] = max(acc["transient_memory"], c.transient_memory)
             for k in out:
                 out[k][i, j] = acc[k]
-            out["per_microbatch"][i, j] += inner + transfer
-            out["communication"][i, j] += inner + transfer
+            work = acc["per_microbatch"] + inner
+            wait = sync_wait(jitter, syncs, work)
+            out["per_microbatch"][i, j] += inner + transfer + wait
+            out["communication"][i, j] += inner + transfer + wait
+            segment = work / (syncs + 1)
+            out["per_step"][i, j] += len(step_kinds) * sync_wait(jitter, 1, segment)
     model._ranges[key] = RangeCosts(**out)
     return model._ranges[key]

@@ -335,3 +335,31 @@ def test_gradient_accumulation_is_priced_per_extra_microbatch(method):
     plan = session.plan(method, 2)
     t, u, a = rc.per_microbatch[0, last], rc.per_step[0, last], rc.accumulate[0, last]
     assert plan.latency == pytest.approx(2 * t + a + u, rel=1e-9)
+
+
+def test_waiting_for_the_slowest_rank_is_charged_to_multi_device_stages_only():
+    """At each collective the ranks of a sharded stage wait for the slowest, whose segment of
+    work jittered longest (``Device.sync_jitter``); a pipeline stage on one device never
+    waits inside itself."""
+    base = resolve_cluster("cpu:2")
+    shaky = base.model_copy(update={"device": base.device.model_copy(update={"sync_jitter": 0.01})})
+    opts = CompileOptions(
+        method="data", training=TrainingOptions(loss="cross_entropy", labels="labels")
+    )
+    ranges = {}
+    for name, cluster in (("base", base), ("shaky", shaky)):
+        session = Session(GPT2, ImportOptions(dims={"batch": 8, "seq": 16}), cluster, opts)
+        prep = session.prepared(1)
+        costs = session.costs(prep, "data")
+        for devices in ((0,), (0, 1)):
+            mesh = make_mesh(cluster, devices, (len(devices),))
+            ranges[name, len(devices)] = (range_costs(costs, mesh, prep.cut), costs, mesh)
+    last = ranges["base", 1][0].per_microbatch.shape[0] - 1
+    one, shaky_one = ranges["base", 1][0], ranges["shaky", 1][0]
+    assert shaky_one.per_microbatch[0, last] == one.per_microbatch[0, last]
+    two, costs, mesh = ranges["base", 2]
+    syncs = sum(costs.layer(i, mesh).cost.syncs for i in range(last + 1))
+    assert syncs > 0
+    waited = ranges["shaky", 2][0].per_microbatch[0, last] - two.per_microbatch[0, last]
+    assert waited == pytest.approx(0.01 * (syncs * two.per_microbatch[0, last]) ** 0.5)
+    assert ranges["shaky", 2][0].per_step[0, last] > two.per_step[0, last]

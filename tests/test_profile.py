@@ -79,7 +79,7 @@ def _rank(flops: float) -> dict:
 
 def test_measured_cluster_keeps_the_layout_and_round_trips(tmp_path):
     base = resolve_cluster("cpu:2x2")
-    sync = {"segment_seconds": 4e-4, "lockstep_seconds": 5e-4, "efficiency": 0.8}
+    sync = {"segment_seconds": 4e-4, "lockstep_seconds": 5e-4, "jitter": 0.005}
     measured = {
         "ranks": 4,
         "threads": 1,
@@ -91,13 +91,22 @@ def test_measured_cluster_keeps_the_layout_and_round_trips(tmp_path):
     d = cluster.device
     assert (cluster.name, cluster.hosts, cluster.devices_per_host) == ("cpu:2x2", 2, 2)
     assert d.peak_flops == {"float32": 3e10, "float64": 1.5e10}  # the slowest rank's best
-    assert (d.compute_efficiency, d.memory_efficiency, d.kernel_latency) == (0.8, 0.8, 2e-6)
+    # without workloads the rates are the measured ones, the jitter the MatMul segments'
+    assert (d.compute_efficiency, d.memory_efficiency, d.kernel_latency) == (1.0, 1.0, 2e-6)
+    assert d.sync_jitter == 0.005
     assert d.dispatch_latency == pytest.approx(4e-6)  # the slowest rank's
     assert cluster.intra_host == cluster.inter_host
     assert cluster.intra_host.latency == pytest.approx(ALPHA)
     path = tmp_path / "measured.yaml"
     path.write_text(yaml_text(cluster, "cpu:2x2", summary))
     assert resolve_cluster(str(path)) == cluster
+    # real training steps' jitter, when measured, is what a plan's segments see
+    steps = [
+        {"segment_seconds": s, "lockstep_seconds": s + w, "jitter": w / s**0.5}
+        for s, w in ((2e-3, 4e-4), (8e-3, 6e-4), (1e-2, 9e-4))
+    ]
+    cluster, _ = cluster_from_measurements(base, measured | {"workload_sync": steps})
+    assert cluster.device.sync_jitter == pytest.approx(4e-4 / 2e-3**0.5)  # the median
 
 
 def test_profile_refuses_gpu_clusters(tmp_path):
