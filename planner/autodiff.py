@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from planner.errors import UserError
-from planner.graph import PHASE_KEY, Role, set_role, shape_of
+from planner.graph import LOSS_SEED, PHASE_KEY, Role, set_role, shape_of
 
 FORWARD_NODE_KEY = "alpa.forward_node"
 PARAM_KEY = "alpa.param"
@@ -133,6 +133,21 @@ class Emitter:
             self._consts[key] = value
         return self._consts[key]
 
+    def seed(self, loss: ir.Value) -> ir.Value:
+        """d loss / d loss: a 1 of its own (never shared with other constants), named
+        ``LOSS_SEED`` so an executor can scale it (loss scaling)."""
+        assert loss.dtype is not None
+        arr = np.ones(shape_of(loss), dtype=loss.dtype.numpy())
+        value = ir.Value(
+            name=LOSS_SEED,
+            shape=ir.Shape(list(arr.shape)),
+            type=ir.TensorType(loss.dtype),
+            const_value=ir.tensor(arr, name=LOSS_SEED),
+        )
+        set_role(value, Role.CONST)
+        self.graph.register_initializer(value)
+        return value
+
     def scalar(self, x: float, like: ir.Value) -> ir.Value:
         assert like.dtype is not None
         return self.const(np.array(x, dtype=like.dtype.numpy()))
@@ -231,7 +246,7 @@ def differentiate(
                 path.append(node)
     _check_rules(path, rules)
 
-    grads: dict[int, ir.Value] = {id(loss): e.scalar(1.0, loss)}
+    grads: dict[int, ir.Value] = {id(loss): e.seed(loss)}
     for node in path:
         outs = [grads.get(id(o)) for o in node.outputs]
         if all(g is None for g in outs):

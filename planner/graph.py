@@ -23,6 +23,9 @@ ROLE_KEY = "alpa.role"
 PHASE_KEY = "alpa.phase"
 # Value metadata: the graph input an output replaces in place (updated parameter / state).
 UPDATES_KEY = "alpa.updates"
+# The initializer that seeds the backward pass (d loss / d loss = 1): an executor running in
+# half precision scales it, and the gradients with it, so small gradients do not underflow.
+LOSS_SEED = "alpa.loss_seed"
 
 
 class Role(str, enum.Enum):

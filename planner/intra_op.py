@@ -827,20 +827,22 @@ def _solution(
             if src != dst:
                 reshards.append(EdgeReshard(value.name, vx.name, src, dst, seconds, steps))
                 per_step += seconds if vx.once[2] else 0.0
-                kinds = {step.kind for step in steps} - {"slice"}
+                calls = [step.kind for step in steps if step.kind != "slice"]
                 if vx.once[2]:
-                    step_kinds |= kinds
-                calls = 0 if vx.once[2] else sum(step.kind != "slice" for step in steps)
-                if calls and verts[p[0]].kind == "source":
+                    step_kinds.update(calls)
+                elif calls and verts[p[0]].kind == "source":
                     gathers_state = True
                 else:
-                    syncs += calls
+                    syncs += len(calls)
     node_ids = [v for v, vx in enumerate(verts) if vx.kind == "node"]
     for v in node_ids:
         once = verts[v].once
         per_step += (chosen[v].compute if once[0] else 0.0) + (chosen[v].comm if once[1] else 0.0)
-        syncs += 0 if once[1] else len(chosen[v].collectives)
-        step_kinds |= {c.kind for c in chosen[v].collectives} if once[1] else set()
+        calls = [c.kind for c in chosen[v].collectives]
+        if once[1]:
+            step_kinds.update(calls)
+        else:
+            syncs += len(calls)
     syncs += gathers_state
     return IntraOpSolution(
         mesh=builder.mesh,

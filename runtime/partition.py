@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from planner.errors import UserError
 from planner.graph import (
+    LOSS_SEED,
     PHASE_KEY,
     UPDATES_KEY,
     Role,
@@ -45,6 +46,7 @@ from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
 from runtime import reshard
 from runtime.mesh import RankMesh, check_fits, shard
+from runtime.precision import HALF, half_precision
 from runtime.transfer import Piece, pieces
 
 PHASES = ("forward", "backward", "update")
@@ -155,6 +157,8 @@ class StageProgram:
     # divided by ``loss_divisor``: they share the gradients' buckets)
     loss_sync: list[CollectiveOp] = field(default_factory=list)
     loss_divisor: int = 1
+    half: bool = False  # float16 sessions and loss scaling (``runtime.precision``)
+    loss_seed: np.ndarray | None = None  # fed as LOSS_SEED times the loss scale, when half
 
     @property
     def owned_specs(self) -> dict[str, ShardingSpec]:
@@ -274,6 +278,7 @@ class StageBuilder:
         self.plan = plan
         self.device = device
         self.make_session = make_session
+        self.half = plan.options.dtype == HALF
         stage = stage_of_device(plan, device)
         assert stage is not None
         self.stage = stage
@@ -472,7 +477,15 @@ class StageBuilder:
             self.segments,
             self.loss_sync,
             self.loss_divisor,
+            self.half,
+            self._seed(),
         )
+
+    def _seed(self) -> np.ndarray | None:
+        """The backward seed's value on this rank, when a session reads it as an input."""
+        if not any(LOSS_SEED in seg.inputs for seg in self.segments):
+            return None
+        return self.consts[LOSS_SEED]
 
     def _fuse(self, instrs: list[Instr]) -> list[Instr]:
         """Adjacent segments (nothing runs between them, e.g. a node whose gradient
@@ -591,6 +604,9 @@ class StageBuilder:
                     continue
                 vname = v.name or ""
                 want = np_.inputs[i] if i < len(np_.inputs) else None
+                if self.half and vname == LOSS_SEED:  # fed, times the loss scale
+                    keys.append(LOSS_SEED)
+                    continue
                 if vname in self.consts and vname not in self.spec:
                     key = f"{node.name}/const{i}"
                     consts[key] = self._constant(node, np_, i, vname)
@@ -886,15 +902,21 @@ class StageBuilder:
                 elif isinstance(ins, Collect | Send):
                     needed.add(ins.key)
         opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        half = {
+            id(ins.segment)
+            for phase in ("forward", "backward")
+            for ins in programs.get(phase, [])
+            if self.half and isinstance(ins, Run)
+        }
         for seg in self.segments:
             seg.outputs = [k for k in dict.fromkeys(seg.produced) if k in needed]
-            seg.session = self._session(seg, opsets)
+            seg.session = self._session(seg, opsets, id(seg) in half)
 
     def _value_info(self, key: str) -> onnx.ValueInfoProto:
         name = key.split("@", 1)[0]
         return helper.make_tensor_value_info(key, int(self.dtype(name)), None)
 
-    def _session(self, seg: Segment, opsets) -> Session:
+    def _session(self, seg: Segment, opsets, half: bool) -> Session:
         graph = helper.make_graph(
             seg.nodes,
             f"stage{self.stage.index}",
@@ -908,7 +930,7 @@ class StageBuilder:
             graph, opset_imports=opsets, ir_version=min(self.model.ir_version or 10, 10)
         )
         try:
-            return self.make_session(model.SerializeToString())
+            return self.make_session((half_precision(model) if half else model).SerializeToString())
         except UserError:
             raise
         except Exception as exc:

@@ -24,6 +24,7 @@ import click
 import numpy as np
 
 from planner.errors import UserError
+from planner.graph import LOSS_SEED
 from planner.plan_io import load_plan
 from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
@@ -47,6 +48,7 @@ from runtime.partition import (
     stage_of_device,
 )
 from runtime.pipeline import schedule
+from runtime.precision import HALF, LossScaler
 from runtime.step import PreparedStep, prepare_step
 
 VERIFY_TAG = (1 << 20) + 1
@@ -132,6 +134,8 @@ class StageRunner:
         if program.loss is not None:
             chains.append(program.loss_sync)
         self.grad_sync = Synchronizer(chains, comm, reuse=True)
+        self.scaler = LossScaler() if program.half else None
+        self.skipped = False  # the last step's update, skipped for non-finite gradients
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
@@ -260,12 +264,19 @@ class StageRunner:
         acc: dict[str, np.ndarray] = {}
         losses = []
         p = self.p
+        seed = None
+        if p.loss_seed is not None and self.scaler is not None:
+            seed = self.comm.to_device(
+                np.asarray(p.loss_seed * self.scaler.scale, p.loss_seed.dtype)
+            )
         for task, m in schedule(kind, p.stage, stages, self.m):
             if task == "F":
                 mb = microbatch(batch, m, self.m)
                 env = envs[m] = dict(self.state)
                 for name, spec in p.data_specs.items():
                     env[name] = self.comm.to_device(shard(mb[name], spec, p.mesh, p.device))
+                if seed is not None:
+                    env[LOSS_SEED] = seed
                 self.run("forward", env, m)
                 if p.loss is not None:
                     losses.append(env[p.loss])  # reduced with the gradients, at the end
@@ -289,9 +300,13 @@ class StageRunner:
         synced = self.grad_sync(tensors)
         step_env.update(zip((g.key for g in grads), synced, strict=False))
         self.timers.collective += time.perf_counter() - start
-        self.run("update", step_env, 0)
-        for key, state in p.assigns:
-            self.state[state] = step_env[key]
+        self.skipped = self.scaler is not None and not self.scaler.unscale(
+            synced[: len(grads)], self.comm
+        )
+        if not self.skipped:
+            self.run("update", step_env, 0)
+            for key, state in p.assigns:
+                self.state[state] = step_env[key]
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
@@ -469,10 +484,10 @@ def execute(backend: Backend, job: Job) -> int:
     stage = stage_of_device(plan, comm.rank)
     if stage is None:
         raise UserError(f"device {comm.rank} is in no stage of the plan: recompile the plan")
-    if comm.rank == 0 and plan.options.dtype != "float32":
+    if comm.rank == 0 and plan.options.dtype not in ("float32", HALF):
         click.echo(
             f"note: the plan is priced for {plan.options.dtype} mixed precision; the executor "
-            "computes the training graph in float32"
+            "computes it in float32 (it runs float16 plans in float16)"
         )
     setup = time.perf_counter()
     program = build_stage(job.step.model, plan, comm.rank, backend.make_session)
@@ -522,6 +537,11 @@ def execute(backend: Backend, job: Job) -> int:
         if comm.rank == 0:
             rows.append(row)
             report.print_step(i, row, plan)
+            if runner.skipped:
+                click.echo(
+                    f"step {i}: a float16 gradient overflowed; update skipped, loss scale now "
+                    f"{runner.scaler.scale:g}"
+                )
         if ckpt is not None and (
             i + 1 == first + job.steps or (ckpt.every and (i + 1) % ckpt.every == 0)
         ):
@@ -530,6 +550,15 @@ def execute(backend: Backend, job: Job) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
     if job.verify:
         from runtime.verify import compare, sharded_tensors
+
+        if runner.skipped:
+            if comm.rank == 0:
+                click.echo(
+                    "verify FAILED: the float16 gradients overflowed at loss scale "
+                    f"{2 * runner.scaler.scale:g} and the update was skipped",
+                    err=True,
+                )
+            return 1
 
         leaders = [RankMesh.from_plan(s.logical_mesh).devices[0] for s in plan.stages]
         tensors = sharded_tensors(runner, grads, comm, VERIFY_TAG, leaders)
@@ -544,6 +573,7 @@ def execute(backend: Backend, job: Job) -> int:
                 ),
                 plan.options.microbatches,
                 rows[0]["loss"],
+                plan.options.dtype == HALF,
             )
         return 0
     if comm.rank == 0:

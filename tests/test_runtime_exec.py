@@ -13,10 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from planner.plan_io import load_plan
 from runtime.checkpoint import load_full
 from runtime.launch import binding, mpiexec
+from runtime.partition import build_stage, cpu_session
+from runtime.precision import LossScaler
+from runtime.step import prepare_step
 from runtime.verify import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +171,9 @@ METHODS = {
     "gpipe": ["--cluster", "cpu:2x2", "--method", "megatron", "--dp", "1", "--tp", "2"]
     + ["--pp", "2", "--microbatches", "4", "--schedule", "gpipe"],
     "single": ["--cluster", "cpu:1", "--method", "data"],
+    # float16 compute with loss scaling; the seed on the last stage, gradients sent back
+    "fp16-pipeline": ["--cluster", "cpu:2x2", "--method", "megatron", "--dp", "1", "--tp", "2"]
+    + ["--pp", "2", "--microbatches", "2", "--dtype", "float16"],
 }
 FIXTURE_FILES = ["gpt2.ts", "llama.dynamo", "mixtral.dynamo", "wrn.dynamo_noopt"]
 # every method and every fixture at least once, cheap plans first; the rest is nightly
@@ -177,8 +185,14 @@ FAST = [
     ("mixtral.dynamo", "pipeline"),
     ("wrn.dynamo_noopt", "zero3"),
     ("wrn.dynamo_noopt", "auto-4"),
+    ("gpt2.ts", "fp16-pipeline"),
 ]
-SLOW = [(f, m) for f in FIXTURE_FILES for m in METHODS if m != "single" and (f, m) not in FAST]
+SLOW = [
+    (f, m)
+    for f in FIXTURE_FILES
+    for m in METHODS
+    if m != "single" and not m.startswith("fp16") and (f, m) not in FAST
+]
 
 
 @pytest.fixture(scope="session")
@@ -297,6 +311,62 @@ def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans):
     stage = sharded["stages"][0]
     assert set(stage["predicted"]) >= {"compute", "communication", "bubble"}
     assert set(stage["measured"]) >= {"compute", "communication", "overhead", "wall"}
+
+
+def test_float16_plans_compute_in_half_precision(plans):
+    """Forward and backward sessions compute in float16 behind float32 inputs and outputs;
+    the update stays float32; the loss curve follows float32's to float16's precision."""
+    plan_path = plans("gpt2.ts", "fp16-pipeline")
+    plan = load_plan(plan_path)
+    step = prepare_step(plan, FIXTURES / "gpt2.ts.onnx")
+    models: list[onnx.ModelProto] = []
+
+    def record(model: bytes):
+        models.append(onnx.load_from_string(model))
+        return cpu_session(model)
+
+    program = build_stage(step.model, plan, 2, record)  # the last stage: the seed's
+    assert program.half and program.loss_seed is not None
+
+    def halves(m: onnx.ModelProto) -> bool:
+        return any(
+            n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16
+            for n in m.graph.node
+        )
+
+    assert sum(map(halves, models)) >= 2 and not halves(models[-1])  # the update: float32
+    floats = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for m in models:
+        boundary = [*m.graph.input, *m.graph.output]
+        assert all(v.type.tensor_type.elem_type not in floats for v in boundary)
+    half = _run(plan_path, "gpt2.ts", "--steps", "5")["losses"]
+    full = _run(plans("gpt2.ts", "pipeline"), "gpt2.ts", "--steps", "5")["losses"]
+    assert half == pytest.approx(full, rel=1e-2)
+
+
+class _World:
+    """A communicator stand-in: ``all_gather_host`` over ranks whose gradients are all
+    finite except those ``overflowed`` says."""
+
+    def __init__(self, overflowed: bool) -> None:
+        self.overflowed = overflowed
+
+    def all_gather_host(self, x: np.ndarray) -> np.ndarray:
+        return np.stack([x, np.zeros_like(x) if self.overflowed else np.ones_like(x)])
+
+
+def test_loss_scaler_unscales_skips_on_overflow_and_grows():
+    scaler = LossScaler(scale=8.0, growth_interval=2)
+    grads = [np.full(3, 16.0, np.float32)]
+    assert scaler.unscale(grads, _World(False)) and grads[0].tolist() == [2.0, 2.0, 2.0]
+    assert scaler.scale == 8.0  # one clean step of two
+    assert not scaler.unscale([np.array([np.inf], np.float32)], _World(False))
+    assert scaler.scale == 4.0 and scaler.clean_steps == 0  # halved, count restarted
+    assert not scaler.unscale([np.ones(2, np.float32)], _World(True))  # another rank's inf
+    assert scaler.scale == 2.0
+    assert scaler.unscale([np.ones(2, np.float32)], _World(False))
+    assert scaler.unscale([np.ones(2, np.float32)], _World(False))
+    assert scaler.scale == 4.0  # doubled after growth_interval clean steps
 
 
 def test_tied_weight_read_on_two_stages(plans, tmp_path):
