@@ -54,6 +54,7 @@ class Found:
     folder: Path
     step: int
     same_plan: bool
+    loss_scale: dict | None = None  # a float16 run's ``runtime.precision.LossScaler`` state
 
 
 def find(root: str | Path, plan_path: str | Path, reshard: bool) -> Found:
@@ -73,7 +74,7 @@ def find(root: str | Path, plan_path: str | Path, reshard: bool) -> Found:
             f"{meta['plan_sha256'][:12]}..., this plan {plan_digest(plan_path)[:12]}...): "
             "resume with that plan, or pass --reshard to convert the checkpoint"
         )
-    return Found(folder, int(meta["step"]), same)
+    return Found(folder, int(meta["step"]), same, meta.get("loss_scale"))
 
 
 def _layout(specs: dict[str, ShardingSpec], shapes: dict[str, tuple[int, ...]], mesh: RankMesh):
@@ -106,14 +107,23 @@ def write_shards(
 
 
 def publish(
-    root: Path, tmp: Path, run_id: str, step: int, ranks: int, plan_path: str | Path
+    root: Path,
+    tmp: Path,
+    run_id: str,
+    step: int,
+    ranks: int,
+    plan_path: str | Path,
+    loss_scale: dict | None = None,
 ) -> Path:
     """Rank 0, after every rank wrote its shards: meta, rename into place, then ``latest``.
     The folder name carries the run id, so a rerun of the same step never replaces the
-    folder ``latest`` may still point to."""
+    folder ``latest`` may still point to. ``loss_scale``: a float16 run's scaler state, so a
+    resumed run scales (and rounds) its gradients as the uninterrupted one does."""
     plan_bytes = Path(plan_path).read_bytes()
     _write_file(tmp / "plan.json", plan_bytes)
     meta = {"step": step, "ranks": ranks, "plan_sha256": hashlib.sha256(plan_bytes).hexdigest()}
+    if loss_scale is not None:
+        meta["loss_scale"] = loss_scale
     _write_file(tmp / "meta.json", json.dumps(meta, sort_keys=True).encode())
     _fsync_dir(tmp)
     final = root / f"step-{step:08d}-{run_id}"

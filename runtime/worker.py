@@ -11,6 +11,7 @@ stage its loss) to rank 0, which prints one line per step and writes the run rep
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -464,7 +465,8 @@ def _save(comm: Communicator, job: Job, ckpt: Checkpointing, runner: StageRunner
         return
     for r in range(1, comm.size):
         comm.recv_object(r, CHECKPOINT_TAG)
-    final = checkpoint.publish(ckpt.root, tmp, ckpt.run_id, step, comm.size, job.plan_path)
+    scaler = dataclasses.asdict(runner.scaler) if runner.scaler is not None else None
+    final = checkpoint.publish(ckpt.root, tmp, ckpt.run_id, step, comm.size, job.plan_path, scaler)
     click.echo(f"checkpoint: {final}")
 
 
@@ -505,6 +507,8 @@ def execute(backend: Backend, job: Job) -> int:
             )
         )
         runner.state.update({name: comm.to_device(x) for name, x in loaded.items()})
+        if runner.scaler is not None and ckpt.resume.loss_scale is not None:
+            runner.scaler = LossScaler(**ckpt.resume.loss_scale)
         first = ckpt.resume.step
     setup = time.perf_counter() - setup
     state_names = set(job.step.state)

@@ -426,6 +426,20 @@ def test_checkpoint_resume_is_exact_and_reshards(plans, tmp_path):
     assert max(rel_err(got[k], want[k]) for k in want) < 1e-3
 
 
+def test_float16_checkpoints_carry_the_loss_scale_and_resume_exactly(plans, tmp_path):
+    half = plans("gpt2.ts", "fp16-pipeline")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(half, "gpt2.ts", "--steps", "4", "--checkpoint-dir", str(whole))
+    _run(half, "gpt2.ts", "--steps", "2", "--checkpoint-dir", str(split))
+    meta = json.loads((_latest(split) / "meta.json").read_text())
+    assert meta["loss_scale"] == {"scale": 2.0**15, "growth_interval": 2000, "clean_steps": 2}
+    _run(half, "gpt2.ts", "--steps", "2", "--checkpoint-dir", str(split), "--resume")
+    meta = json.loads((_latest(split) / "meta.json").read_text())
+    assert meta["loss_scale"]["clean_steps"] == 4  # carried on, not restarted
+    want, got = load_full(_latest(whole)), load_full(_latest(split))
+    assert sorted(want) == sorted(got) and all(np.array_equal(want[k], got[k]) for k in want)
+
+
 def test_killed_rank_ends_every_rank_naming_it(plans):
     start = time.monotonic()
     result = _cli(
