@@ -25,9 +25,25 @@ from runtime.comm import Communicator, array_module
 HALF = "float16"  # the plan dtype the executor computes in half precision
 
 
-# Kept in float32 besides the converter's own list: scatter-adds sum many addends (embedding
-# and cross-entropy gradients), and onnxruntime's CPU kernels have no float16 scatter-add.
-FLOAT32_OPS = ("ScatterElements", "ScatterND")
+# Kept in float32 besides the converter's own list, as PyTorch's autocast keeps them: ops that
+# sum many addends (reductions, normalisations, softmax, scatter-adds of embedding and
+# cross-entropy gradients) lose too much in float16's 11-bit mantissa (a batch-norm weight's
+# gradient came out 1.6% off), and onnxruntime's CPU kernels have no float16 scatter-add.
+FLOAT32_OPS = (
+    "ScatterElements",
+    "ScatterND",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "CumSum",
+    "Softmax",
+    "LogSoftmax",
+    "SoftmaxCrossEntropyLoss",
+    "LayerNormalization",
+    "BatchNormalization",
+)
 
 
 def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -155,32 +155,41 @@ def compare(
     loss: float | None,
     half: bool = False,
 ) -> int:
-    """0 when the sharded step matches the single-rank one within TOLERANCE (HALF_TOLERANCE
-    for a float16 plan: both sides round to float16, at different session boundaries)."""
+    """0 when the sharded step matches the single-rank one within TOLERANCE. A float16 plan
+    is compared with the single-rank step in float16, and both round at different session
+    boundaries: a tensor passes within HALF_TOLERANCE, or within twice float16's own error on
+    it (the float16 reference against the float32 one), since a sharding bug is off by far
+    more than float16 is."""
     assert sharded is not None and loss is not None
     grads = [o.name for n in step.model.graph for o in n.outputs if role_of(o) is Role.GRAD]
-    ref_loss, ref_grads, ref_state = reference(
-        step, batch, microbatches, {g: sharded[g] for g in grads if g in sharded}, half
-    )
-    tolerance = HALF_TOLERANCE if half else TOLERANCE
+    used = {g: sharded[g] for g in grads if g in sharded}
+    ref_loss, ref_grads, ref_state = reference(step, batch, microbatches, used, half)
     largest = max((float(np.max(np.abs(v))) for v in ref_grads.values() if v.size), default=0.0)
     floor = GRAD_SCALE_FLOOR * largest
     checks = [("loss", np.array(loss), np.array(ref_loss), 0.0)]
     checks += [(f"grad {k}", sharded[k], v, floor) for k, v in ref_grads.items()]
     checks += [(f"updated {k}", sharded[k], v, 0.0) for k, v in ref_state.items()]
-    worst = max(checks, key=lambda c: rel_err(c[1], c[2], c[3]))
+    allowed = dict.fromkeys((c[0] for c in checks), TOLERANCE)
+    if half:
+        full_loss, full_grads, full_state = reference(step, batch, microbatches, used)
+        own = [("loss", np.array(ref_loss), np.array(full_loss), 0.0)]
+        own += [(f"grad {k}", ref_grads[k], v, floor) for k, v in full_grads.items()]
+        own += [(f"updated {k}", ref_state[k], v, 0.0) for k, v in full_state.items()]
+        allowed = {name: max(HALF_TOLERANCE, 2 * rel_err(a, ref, low)) for name, a, ref, low in own}
+    worst = max(checks, key=lambda c: rel_err(c[1], c[2], c[3]) / allowed[c[0]])
     for name, a, ref, low in checks:
         err = rel_err(a, ref, low)
-        if err > tolerance:
+        if err > allowed[name]:
             click.echo(
                 f"verify FAILED: first differing tensor: {name} (rel err {err:.3g} > "
-                f"{tolerance:g}; {len(checks)} tensors compared)",
+                f"{allowed[name]:.3g}; {len(checks)} tensors compared)",
                 err=True,
             )
             return 1
+    bound = f"{TOLERANCE:g}" if not half else f"max({HALF_TOLERANCE:g}, 2x float16's own error)"
     click.echo(
         f"verify passed: loss {loss:.6f} vs {ref_loss:.6f}; {len(checks)} tensors "
         f"(loss, {len(ref_grads)} gradients, {len(ref_state)} updated) within "
-        f"{tolerance:g}, worst {worst[0]} at {rel_err(*worst[1:]):.2g}"
+        f"{bound}, worst {worst[0]} at {rel_err(*worst[1:]):.2g}"
     )
     return 0
