@@ -8,8 +8,9 @@ accumulation, the optimizer update, checkpoints) stays float32 and only the comp
 runs in half precision. float16's range is narrow, so the backward pass is seeded with a loss
 scale instead of 1 and the step's gradients are divided by it before the update: dynamic
 loss scaling as in PyTorch's ``GradScaler`` (halve and skip the update when a gradient is
-not finite on any rank, double after 2000 clean steps), starting at 2^15: the seed enters
-float16 itself here, whose largest value is 65504, so GradScaler's 2^16 would overflow it.
+not finite on any rank, double after 2000 clean steps), starting at and capped at 2^15: the
+seed enters float16 itself here, whose largest value is 65504, so GradScaler's 2^16 would
+overflow it (and growing past it would cost a skipped step every 2000).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import onnx
 from runtime.comm import Communicator, array_module
 
 HALF = "float16"  # the plan dtype the executor computes in half precision
+MAX_SCALE = 2.0**15  # the largest power of two float16 holds: the seed is float16
 
 
 # Kept in float32 besides the converter's own list, as PyTorch's autocast keeps them: ops that
@@ -57,7 +59,7 @@ def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @dataclass
 class LossScaler:
-    scale: float = 2.0**15
+    scale: float = MAX_SCALE
     growth_interval: int = 2000
     clean_steps: int = 0
 
@@ -75,5 +77,5 @@ class LossScaler:
         else:
             self.clean_steps += 1
             if self.clean_steps == self.growth_interval:
-                self.scale, self.clean_steps = self.scale * 2, 0
+                self.scale, self.clean_steps = min(self.scale * 2, MAX_SCALE), 0
         return ok

@@ -367,6 +367,9 @@ def test_loss_scaler_unscales_skips_on_overflow_and_grows():
     assert scaler.unscale([np.ones(2, np.float32)], _World(False))
     assert scaler.unscale([np.ones(2, np.float32)], _World(False))
     assert scaler.scale == 4.0  # doubled after growth_interval clean steps
+    capped = LossScaler(growth_interval=1)
+    assert capped.unscale([np.ones(1, np.float32)], _World(False))
+    assert capped.scale == 2.0**15  # the seed is float16: 2^16 would overflow it
 
 
 def test_tied_weight_read_on_two_stages(plans, tmp_path):
