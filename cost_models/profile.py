@@ -259,7 +259,6 @@ def cluster_from_measurements(
     steps = measured.get("workload_sync") or []
     # real steps' jitter when measured (what a plan's segments see), else the MatMuls'
     jitter = float(np.median([w["jitter"] for w in steps])) if steps else sync.get("jitter", 0.0)
-    efficiency = 1.0
     data = base.model_dump()
     data["device"] |= {
         "peak_flops": peak,
@@ -289,9 +288,11 @@ def cluster_from_measurements(
             "per_op": per_op,
             "tiny_op": latency,
         }
-        efficiency = share
-        data["device"]["kernel_latency"] = per_op
-    data["device"] |= {"compute_efficiency": efficiency, "memory_efficiency": efficiency}
+        data["device"] |= {
+            "compute_efficiency": share,
+            "memory_efficiency": share,
+            "kernel_latency": per_op,
+        }
     if measured["comm"]:
         fit = fit_link(measured["comm"])
         data["intra_host"] = data["inter_host"] = {

@@ -121,28 +121,21 @@ class Emitter:
         arr = np.asarray(array, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            name = self.names.fresh("const")
-            value = ir.Value(
-                name=name,
-                shape=ir.Shape(list(arr.shape)),
-                type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                const_value=ir.tensor(arr, name=name),
-            )
-            set_role(value, Role.CONST)
-            self.graph.register_initializer(value)
-            self._consts[key] = value
+            self._consts[key] = self._initializer(self.names.fresh("const"), arr)
         return self._consts[key]
 
     def seed(self, loss: ir.Value) -> ir.Value:
         """d loss / d loss: a 1 of its own (never shared with other constants), named
         ``LOSS_SEED`` so an executor can scale it (loss scaling)."""
         assert loss.dtype is not None
-        arr = np.ones(shape_of(loss), dtype=loss.dtype.numpy())
+        return self._initializer(LOSS_SEED, np.ones(shape_of(loss), dtype=loss.dtype.numpy()))
+
+    def _initializer(self, name: str, arr: np.ndarray) -> ir.Value:
         value = ir.Value(
-            name=LOSS_SEED,
+            name=name,
             shape=ir.Shape(list(arr.shape)),
-            type=ir.TensorType(loss.dtype),
-            const_value=ir.tensor(arr, name=LOSS_SEED),
+            type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+            const_value=ir.tensor(arr, name=name),
         )
         set_role(value, Role.CONST)
         self.graph.register_initializer(value)

@@ -147,6 +147,16 @@ def rel_err(a: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def _checks(loss: float, tensors: dict[str, np.ndarray], ref: tuple, floor: float) -> list:
+    """(name, value, reference value, scale floor) of the loss, every gradient and every
+    updated tensor; ``ref``: ``reference``'s (loss, gradients, updated state)."""
+    ref_loss, ref_grads, ref_state = ref
+    out = [("loss", np.array(loss), np.array(ref_loss), 0.0)]
+    out += [(f"grad {k}", tensors[k], v, floor) for k, v in ref_grads.items()]
+    out += [(f"updated {k}", tensors[k], v, 0.0) for k, v in ref_state.items()]
+    return out
+
+
 def compare(
     step: PreparedStep,
     sharded: dict[str, np.ndarray] | None,
@@ -166,15 +176,11 @@ def compare(
     ref_loss, ref_grads, ref_state = reference(step, batch, microbatches, used, half)
     largest = max((float(np.max(np.abs(v))) for v in ref_grads.values() if v.size), default=0.0)
     floor = GRAD_SCALE_FLOOR * largest
-    checks = [("loss", np.array(loss), np.array(ref_loss), 0.0)]
-    checks += [(f"grad {k}", sharded[k], v, floor) for k, v in ref_grads.items()]
-    checks += [(f"updated {k}", sharded[k], v, 0.0) for k, v in ref_state.items()]
+    checks = _checks(loss, sharded, (ref_loss, ref_grads, ref_state), floor)
     allowed = dict.fromkeys((c[0] for c in checks), TOLERANCE)
     if half:
-        full_loss, full_grads, full_state = reference(step, batch, microbatches, used)
-        own = [("loss", np.array(ref_loss), np.array(full_loss), 0.0)]
-        own += [(f"grad {k}", ref_grads[k], v, floor) for k, v in full_grads.items()]
-        own += [(f"updated {k}", ref_state[k], v, 0.0) for k, v in full_state.items()]
+        full = reference(step, batch, microbatches, used)
+        own = _checks(ref_loss, {**ref_grads, **ref_state}, full, floor)
         allowed = {name: max(HALF_TOLERANCE, 2 * rel_err(a, ref, low)) for name, a, ref, low in own}
     worst = max(checks, key=lambda c: rel_err(c[1], c[2], c[3]) / allowed[c[0]])
     for name, a, ref, low in checks:
