@@ -6,7 +6,7 @@
 #       GPU through runtime/cuda.py's CudaSession, `alpa-plan run` of the plan (the plan's
 #       device kind is gpu, so --backend auto must pick CUDA: checked in the run report),
 #       `alpa-plan verify --backend cuda` (GPU step vs the CPU reference), and PyTorch eager on
-#       the same model when torch is installed;
+#       the same model when torch is installed; then a float16 plan verified and run there;
 #   (d) the GPU tests of tests/test_cuda_backend.py (skipped elsewhere).
 # Each part prints what is missing and moves on; the exit code is the number of failed parts.
 set -u
@@ -27,7 +27,10 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from runtime.cuda import load_cuda_libraries
+
 print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
+load_cuda_libraries(ort)
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     sys.exit("missing: CUDAExecutionProvider (pip install onnxruntime-gpu)")
 graph = helper.make_graph(
@@ -104,6 +107,12 @@ else
   failed=$((failed + 1))
 fi
 "$PY" -m cli verify "$OUT/gpu1-plan.json" --model "$MODEL" --backend cuda || failed=$((failed + 1))
+echo "-- the same model planned for float16 (mixed precision) on the GPU"
+"$PY" -m cli compile "$MODEL" "${DIMS[@]}" --cluster "$OUT/gpu1.yaml" --loss cross_entropy \
+  --labels auto --optimizer adam --dtype float16 -o "$OUT/gpu1-fp16.json" \
+  && "$PY" -m cli verify "$OUT/gpu1-fp16.json" --model "$MODEL" --backend cuda \
+  && "$PY" -m cli run "$OUT/gpu1-fp16.json" --model "$MODEL" --steps 10 \
+  || failed=$((failed + 1))
 "$PY" - <<'EOF' || echo "skipped: PyTorch eager comparison (see message above)"
 import sys
 import time

@@ -358,6 +358,15 @@ def numpy_dtype(ort_element_type: str) -> type:
         raise UserError(f"no numpy dtype for onnxruntime type {ort_element_type!r}") from None
 
 
+def load_cuda_libraries(ort: Any) -> None:
+    """Load the CUDA and cuDNN libraries that pip's ``nvidia-*`` packages (or a matching
+    PyTorch) carry, so the CUDA provider finds them without LD_LIBRARY_PATH; onnxruntime-gpu's
+    own ``preload_dlls`` does it (a no-op in CPU builds and in builds that predate it)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+
+
 class CudaSession:
     """An onnxruntime session on one GPU whose inputs and outputs stay in device memory.
 
@@ -369,6 +378,7 @@ class CudaSession:
         import onnxruntime as ort
 
         self.cp = require_cuda("a CUDA session needs the GPU", ort.get_available_providers())
+        load_cuda_libraries(ort)
         self.ort = ort
         self.device = device
         cuda = {"device_id": str(device), "use_tf32": "0"}
