@@ -52,9 +52,22 @@ def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` computing in float16, its inputs and outputs still float32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    return convert_float_to_float16(
+    half = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FLOAT32_OPS]
     )
+    return without_repeated_casts(half)
+
+
+def without_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each repeated node and value_info kept once: onnxruntime-gpu 1.31's
+    converter (1.32 fixed it) adds one identical Cast, same name and output, per float32 op
+    that reads a float16 tensor, which onnxruntime then refuses as an invalid model."""
+    graph = model.graph
+    for field in (graph.node, graph.value_info):
+        unique = list({item.SerializeToString(deterministic=True): item for item in field}.values())
+        del field[:]
+        field.extend(unique)
+    return model
 
 
 @dataclass

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from planner.plan_io import load_plan
 from runtime.checkpoint import load_full
 from runtime.launch import binding, mpiexec
 from runtime.partition import build_stage, cpu_session
-from runtime.precision import LossScaler
+from runtime.precision import LossScaler, without_repeated_casts
 from runtime.step import prepare_step
 from runtime.verify import rel_err
 
@@ -370,6 +372,36 @@ def test_loss_scaler_unscales_skips_on_overflow_and_grows():
     capped = LossScaler(growth_interval=1)
     assert capped.unscale([np.ones(1, np.float32)], _World(False))
     assert capped.scale == 2.0**15  # the seed is float16: 2^16 would overflow it
+
+
+def test_repeated_converter_casts_are_kept_once():
+    """onnxruntime-gpu 1.31's float16 converter (seen on the device check) gave every float32
+    consumer of a float16 tensor its own copy of one Cast node, same name and output, and
+    onnxruntime refused the model; ``without_repeated_casts`` keeps one of each."""
+    cast = helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=1, name="h_cast_to_fp32_node")
+    info = helper.make_tensor_value_info("h_cast_to_fp32", TensorProto.FLOAT, [2])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["h"], to=10),
+            cast,
+            helper.make_node("ReduceSum", ["h_cast_to_fp32"], ["a"], keepdims=0),
+            cast,
+            helper.make_node("Softmax", ["h_cast_to_fp32"], ["b"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "ab"],
+        value_info=[info, info],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    with pytest.raises(Exception, match="same node name"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fixed = without_repeated_casts(model)
+    assert [n.op_type for n in fixed.graph.node] == ["Cast", "Cast", "ReduceSum", "Softmax"]
+    assert len(fixed.graph.value_info) == 1
+    session = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = session.run(None, {"x": np.array([1.0, 3.0], np.float32)})
+    assert a == 4.0 and np.allclose(b, np.exp([1, 3]) / np.exp([1, 3]).sum(), atol=1e-3)
 
 
 def test_tied_weight_read_on_two_stages(plans, tmp_path):
