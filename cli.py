@@ -298,7 +298,8 @@ def verify_cmd(plan: str, model: str, data: str | None, backend: str) -> None:
     default="cpu",
     show_default=True,
     metavar="SPEC",
-    help="CPU cluster whose ranks to measure: cpu, cpu:N or cpu:HxN.",
+    help="Cluster whose ranks to measure: cpu, cpu:N or cpu:HxN (MPI ranks on this "
+    "machine), or a GPU spec (one rank per GPU of this host, CUDA and NCCL).",
 )
 @click.option(
     "-o",

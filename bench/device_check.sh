@@ -7,8 +7,11 @@
 #       device kind is gpu, so --backend auto must pick CUDA: checked in the run report),
 #       `alpa-plan verify --backend cuda` (GPU step vs the CPU reference), and PyTorch eager on
 #       the same model when torch is installed; then a float16 plan verified and run there;
-#   (d) the GPU tests of tests/test_cuda_backend.py (skipped elsewhere).
+#   (d) the GPU tests of tests/test_cuda_backend.py (skipped elsewhere);
+#   (e) `alpa-plan profile` of the one-GPU cluster with two workload sizes, then plans compiled
+#       for the measured yaml run next to their predictions.
 # Each part prints what is missing and moves on; the exit code is the number of failed parts.
+# PARTS=ce runs only parts c and e.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,7 +21,22 @@ MPIEXEC="$(dirname "$PY")/mpiexec"
 [ -x "$MPIEXEC" ] || MPIEXEC=mpiexec
 failed=0
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
+PARTS=${PARTS:-abcde}  # which parts to run
+want() { [[ $PARTS == *"$1"* ]]; }
+MODEL=tests/fixtures/gpt2.ts.onnx
+DIMS=(--dim batch=16 --dim seq=32)
+"$PY" - "$OUT/gpu1.yaml" <<'EOF'
+import sys
 
+import yaml
+
+from cost_models.cluster import resolve_cluster
+
+data = resolve_cluster("dgx-h100").model_dump() | {"name": "h100x1", "devices_per_host": 1}
+open(sys.argv[1], "w").write(yaml.safe_dump(data, sort_keys=False))
+EOF
+
+if want a; then
 echo "== (a) onnxruntime CUDA execution provider"
 "$PY" - <<'EOF' || failed=$((failed + 1))
 import sys
@@ -47,23 +65,15 @@ ok = session.get_providers()[0] == "CUDAExecutionProvider" and np.allclose(c, a 
 print("CUDA MatMul:", "ok" if ok else "WRONG", session.get_providers())
 sys.exit(0 if ok else 1)
 EOF
+fi
 
+if want b; then
 echo "== (b) NCCL collectives through runtime/cuda.py (1 rank)"
 timeout 120 "$MPIEXEC" -n 1 "$PY" -m runtime.cuda || failed=$((failed + 1))
+fi
 
+if want c; then
 echo "== (c) GPT-2 fixture on one GPU"
-MODEL=tests/fixtures/gpt2.ts.onnx
-DIMS=(--dim batch=16 --dim seq=32)
-"$PY" - "$OUT/gpu1.yaml" <<'EOF'
-import sys
-
-import yaml
-
-from cost_models.cluster import resolve_cluster
-
-data = resolve_cluster("dgx-h100").model_dump() | {"name": "h100x1", "devices_per_host": 1}
-open(sys.argv[1], "w").write(yaml.safe_dump(data, sort_keys=False))
-EOF
 "$PY" -m cli compile "$MODEL" "${DIMS[@]}" --cluster "$OUT/gpu1.yaml" --loss cross_entropy \
   --labels auto --optimizer adam -o "$OUT/gpu1-plan.json" || failed=$((failed + 1))
 "$PY" - "$OUT/gpu1-plan.json" "$MODEL" <<'EOF' || failed=$((failed + 1))
@@ -147,8 +157,33 @@ for _ in range(steps):
 torch.cuda.synchronize()
 print(f"PyTorch eager training step: {(time.perf_counter() - start) / steps * 1e3:.2f} ms")
 EOF
+fi
 
+if want d; then
 echo "== (d) GPU tests"
 "$PY" -m pytest -q tests/test_cuda_backend.py || failed=$((failed + 1))
+fi
+
+if want e; then
+echo "== (e) profile this GPU (two workload sizes), then predicted vs measured on it"
+for b in 16 64; do
+  "$PY" -m cli compile "$MODEL" --dim batch=$b --dim seq=32 --cluster "$OUT/gpu1.yaml" \
+    --loss cross_entropy --labels auto --optimizer adam --microbatches 1 \
+    -o "$OUT/work-$b.json" >/dev/null || failed=$((failed + 1))
+done
+if "$PY" -m cli profile --cluster "$OUT/gpu1.yaml" -o "$OUT/measured.yaml" --model "$MODEL" \
+  --workload "$OUT/work-16.json" --workload "$OUT/work-64.json"; then
+  grep '^#' "$OUT/measured.yaml"
+  for b in 16 64; do
+    "$PY" -m cli compile "$MODEL" --dim batch=$b --dim seq=32 --cluster "$OUT/measured.yaml" \
+      --loss cross_entropy --labels auto --optimizer adam -o "$OUT/calibrated-$b.json" \
+      && "$PY" -m cli run "$OUT/calibrated-$b.json" --model "$MODEL" --steps 30 | tail -1 \
+      || failed=$((failed + 1))
+  done
+else
+  failed=$((failed + 1))
+fi
+fi
+
 echo "device check: $failed part(s) failed; outputs in $OUT"
 exit "$failed"

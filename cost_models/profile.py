@@ -1,13 +1,19 @@
-"""Calibrate a CPU cluster spec on this machine (``alpa-plan profile``).
+"""Calibrate a cluster spec on this machine (``alpa-plan profile``).
 
-The preset numbers in ``clusters/cpu.yaml`` are guesses; plans are only as good as the costs
+The preset numbers in ``clusters/*.yaml`` are guesses; plans are only as good as the costs
 they are ranked by. This module measures what the executor actually gets and writes a cluster
-yaml that ``compile --cluster FILE`` accepts:
+yaml that ``compile --cluster FILE`` accepts. A CPU spec is measured on MPI ranks sharing this
+machine's cores; a GPU spec on one rank per visible GPU of this host (at most the spec's
+devices per host), with onnxruntime's CUDA provider and NCCL, as ``run`` executes it (a
+``Target`` holds the difference: sizes, sessions, where inputs live, and waiting for the
+device). What one host cannot show stays the spec's: a GPU spec's inter-host link, and its
+links altogether when this host has one GPU.
 
 - compute: onnxruntime MatMul sessions at a few sizes, on every rank at once with the
-  executor's thread count; peak = best achieved FLOP/s per dtype;
+  executor's thread count; peak = best achieved FLOP/s per dtype (on GPUs float32 without
+  TF32, as the executor runs it, float16, and bfloat16 cast from float16 inputs);
 - memory bandwidth: the slope of session time over a chain of Adds of 512 KiB tensors
-  (3 x n x 4 bytes moved per Add; the per-call cost left out);
+  (64 MiB on GPUs; 3 x n x 4 bytes moved per Add; the per-call cost left out);
 - kernel latency: the slope of session time over a chain of tiny Adds (cost per extra op);
 - dispatch latency: what the executor (its own ``StageRunner``) pays per communication
   instruction besides the transfer: the instruction, and the session call it splits off;
@@ -20,10 +26,10 @@ yaml that ``compile --cluster FILE`` accepts:
   their measured time against the roofline's gives the share of the rates real graphs get
   (stored as the compute and memory efficiencies) and, from two or more sizes, what every op
   pays (stored as ``kernel_latency``: real ops cost more than a tiny Add);
-- links: every collective kind and send/recv at several sizes through the executor's MPI
-  communicator; one alpha and a bandwidth per kind fitted by least squares on relative error
-  to the very formulas of ``cost_models.collectives`` (send/recv's is the link's bandwidth,
-  the others go to ``collective_bandwidth``).
+- links: every collective kind and send/recv at several sizes through the executor's
+  communicator (MPI, or NCCL on GPUs); one alpha and a bandwidth per kind fitted by least
+  squares on relative error to the very formulas of ``cost_models.collectives`` (send/recv's
+  is the link's bandwidth, the others go to ``collective_bandwidth``).
 
 Measured rates are stored as the peak and the share as the efficiency: the yaml then says
 what this machine achieves, and ``peak * efficiency`` in the roofline is the rate a rank
@@ -42,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +56,53 @@ from cost_models import collectives
 from cost_models.cluster import Cluster, cluster_from_dict, resolve_cluster
 from planner.errors import UserError
 
-MATMUL_SIZES = {"float32": (64, 128, 256, 512), "float64": (128, 256)}
-ADD_ELEMENTS = 1 << 17  # 512 KiB per tensor: activations of the size a step's ops touch
 CHAIN_OPS = 64
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where measured sessions run: ``make_session`` builds one from a serialized model,
+    ``to_device`` places an input where the executor keeps it, ``sync`` waits until submitted
+    work is done (on a GPU the wall clock would otherwise time kernel launches only)."""
+
+    kind: str  # cpu | gpu
+    make_session: Callable[[bytes], Any]
+    to_device: Callable[[np.ndarray], Any] = lambda x: x
+    sync: Callable[[], None] = lambda: None
+
+    @property
+    def matmul_sizes(self) -> dict[str, tuple[int, ...]]:
+        if self.kind == "gpu":  # large enough to reach the tensor cores' rate
+            return {"float32": (1024, 2048, 4096), "float16": (2048, 4096, 8192),
+                    "bfloat16": (2048, 4096, 8192)}  # fmt: skip
+        return {"float32": (64, 128, 256, 512), "float64": (128, 256)}
+
+    @property
+    def add_elements(self) -> int:
+        """Elements per tensor of the bandwidth chain: activations of the size a step's ops
+        touch (512 KiB on CPUs), past the last-level cache on GPUs (64 MiB)."""
+        return 1 << (24 if self.kind == "gpu" else 17)
+
+    def runner(self, nodes, inputs, outputs, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
+        """A call that runs the graph once on ``feeds`` (placed once) and waits for it."""
+        from onnx import helper
+
+        graph = helper.make_graph(nodes, "profile", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        session = self.make_session(model.SerializeToString())
+        placed = {k: self.to_device(v) for k, v in feeds.items()}
+        names = [o.name for o in outputs]
+
+        def call() -> None:
+            session.run(names, placed)
+            self.sync()
+
+        return call
+
+
+def cpu_target(threads: int) -> Target:
+    """onnxruntime CPU sessions with ``threads`` intra-op threads."""
+    return Target("cpu", lambda model: _cpu_session(model, threads))
 
 
 def _no_barrier() -> None:
@@ -75,17 +126,14 @@ def mean_seconds(fn: Callable[[], object], budget: float) -> float:
     return float(np.mean(times))
 
 
-def _session(nodes, inputs, outputs, threads: int):
+def _cpu_session(model: bytes, threads: int):
     import onnxruntime as ort
-    from onnx import helper
 
-    graph = helper.make_graph(nodes, "profile", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _tensor(name: str, dtype: str, shape: Sequence[int]):
@@ -95,22 +143,31 @@ def _tensor(name: str, dtype: str, shape: Sequence[int]):
     return helper.make_tensor_value_info(name, np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
 
 
-def matmul_runner(n: int, dtype: str, threads: int) -> Callable[[], object]:
-    """A call that runs one n x n MatMul session (random inputs, fixed seed)."""
-    from onnx import helper
+def matmul_runner(n: int, dtype: str, target: Target) -> Callable[[], object]:
+    """A call that runs one n x n MatMul session (random inputs, fixed seed). bfloat16,
+    which numpy and cupy lack, is fed as float16 and cast inside (n^2 work beside n^3)."""
+    from onnx import TensorProto, helper
 
-    session = _session(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        [_tensor("a", dtype, [n, n]), _tensor("b", dtype, [n, n])],
-        [_tensor("c", dtype, [n, n])],
-        threads,
-    )
+    fed = "float16" if dtype == "bfloat16" else dtype
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["c"])]
+    if dtype == "bfloat16":
+        bf16 = TensorProto.BFLOAT16
+        nodes = [
+            helper.make_node("Cast", ["a"], ["a16"], to=bf16),
+            helper.make_node("Cast", ["b"], ["b16"], to=bf16),
+            helper.make_node("MatMul", ["a16", "b16"], ["c16"]),
+            helper.make_node("Cast", ["c16"], ["c"], to=TensorProto.FLOAT16),
+        ]
     rng = np.random.default_rng(0)
-    feeds = {k: rng.standard_normal((n, n)).astype(dtype) for k in ("a", "b")}
-    return lambda: session.run(None, feeds)
+    return target.runner(
+        nodes,
+        [_tensor("a", fed, [n, n]), _tensor("b", fed, [n, n])],
+        [_tensor("c", fed, [n, n])],
+        {k: rng.standard_normal((n, n)).astype(fed) for k in ("a", "b")},
+    )
 
 
-def add_chain_seconds(ops: int, elements: int, threads: int, budget: float) -> float:
+def add_chain_seconds(ops: int, elements: int, target: Target, budget: float) -> float:
     """One session of ``ops`` chained float32 Adds on ``elements`` elements."""
     from onnx import helper
 
@@ -118,36 +175,36 @@ def add_chain_seconds(ops: int, elements: int, threads: int, budget: float) -> f
         helper.make_node("Add", ["x" if i == 0 else f"y{i - 1}", "x"], [f"y{i}"])
         for i in range(ops)
     ]
-    session = _session(
+    call = target.runner(
         nodes,
         [_tensor("x", "float32", [elements])],
         [_tensor(f"y{ops - 1}", "float32", [elements])],
-        threads,
+        {"x": np.ones(elements, np.float32)},
     )
-    feeds = {"x": np.ones(elements, np.float32)}
-    return mean_seconds(lambda: session.run(None, feeds), budget)
+    return mean_seconds(call, budget)
 
 
 def measure_compute(
-    threads: int, budget: float, barrier: Callable[[], object] = _no_barrier
+    target: Target, budget: float, barrier: Callable[[], object] = _no_barrier
 ) -> dict:
     """Achieved FLOP/s per dtype and matrix size, bytes/s, per-op and per-session seconds.
     ``barrier`` lines the ranks up before each measurement so they contend as in a run."""
     flops: dict[str, dict[int, float]] = {}
-    for dtype, sizes in MATMUL_SIZES.items():
+    for dtype, sizes in target.matmul_sizes.items():
         flops[dtype] = {}
         for n in sizes:
             barrier()
-            flops[dtype][n] = 2 * n**3 / mean_seconds(matmul_runner(n, dtype, threads), budget)
+            flops[dtype][n] = 2 * n**3 / mean_seconds(matmul_runner(n, dtype, target), budget)
+    elements = target.add_elements
     barrier()
-    chained = add_chain_seconds(CHAIN_OPS // 4 + 1, ADD_ELEMENTS, threads, budget)
+    chained = add_chain_seconds(CHAIN_OPS // 4 + 1, elements, target, budget)
     barrier()
-    single = add_chain_seconds(1, ADD_ELEMENTS, threads, budget)
-    bandwidth = 3 * ADD_ELEMENTS * 4 * (CHAIN_OPS // 4) / max(chained - single, 1e-9)
+    single = add_chain_seconds(1, elements, target, budget)
+    bandwidth = 3 * elements * 4 * (CHAIN_OPS // 4) / max(chained - single, 1e-9)
     barrier()
-    one = add_chain_seconds(1, 16, threads, budget)
+    one = add_chain_seconds(1, 16, target, budget)
     barrier()
-    chain = add_chain_seconds(CHAIN_OPS + 1, 16, threads, budget)
+    chain = add_chain_seconds(CHAIN_OPS + 1, 16, target, budget)
     return {
         "matmul_flops": flops,
         "memory_bandwidth": bandwidth,
@@ -249,9 +306,10 @@ def cluster_from_measurements(
     ``workloads``: the training graphs whose measured step times (``workload_seconds``) set
     how much of the roofline's rates real graphs achieve and what each op costs."""
     ranks = measured["compute"]
-    # The slowest rank sets the pace of a synchronous step.
-    peak = {
-        dtype: min(max(r["matmul_flops"][dtype].values()) for r in ranks) for dtype in MATMUL_SIZES
+    # The slowest rank sets the pace of a synchronous step; dtypes not measured keep the spec's.
+    peak = base.device.peak_flops | {
+        dtype: min(max(r["matmul_flops"][dtype].values()) for r in ranks)
+        for dtype in ranks[0]["matmul_flops"]
     }
     bandwidth = min(r["memory_bandwidth"] for r in ranks)
     latency = max(float(np.median([r["kernel_latency"] for r in ranks])), 1e-7)
@@ -270,6 +328,7 @@ def cluster_from_measurements(
         "dispatch_latency": max(r["dispatch"] for r in ranks),
     }
     summary = {
+        "kind": base.device.kind,
         "ranks": measured["ranks"],
         "threads_per_rank": measured["threads"],
         "session_call_seconds": float(np.median([r["session_call"] for r in ranks])),
@@ -295,17 +354,23 @@ def cluster_from_measurements(
         }
     if measured["comm"]:
         fit = fit_link(measured["comm"])
-        data["intra_host"] = data["inter_host"] = {
+        link = {
             "bandwidth": fit.bandwidth,
             "latency": fit.alpha,
             "collective_bandwidth": fit.collective_bandwidth,
         }
+        data["intra_host"] = link
+        if base.device.kind == "cpu":  # simulated hosts (cpu:HxN) share one transport
+            data["inter_host"] = link
         summary["link_fit_median_relative_error"] = fit.error
     return cluster_from_dict(data, source="measured cluster"), summary
 
 
-def run_workers(ranks: int, threads: int, budget: float, workloads: Sequence[str] = ()) -> dict:
-    """Launch the profile worker on ``ranks`` MPI ranks and return rank 0's measurements."""
+def run_workers(
+    ranks: int, threads: int, budget: float, workloads: Sequence[str] = (), kind: str = "cpu"
+) -> dict:
+    """Launch the profile worker on ``ranks`` MPI ranks (one per GPU when ``kind`` is gpu)
+    and return rank 0's measurements."""
     from runtime.launch import binding, mpiexec
 
     root = Path(__file__).resolve().parents[1]
@@ -325,6 +390,8 @@ def run_workers(ranks: int, threads: int, budget: float, workloads: Sequence[str
             str(threads),
             "--budget",
             str(budget),
+            "--kind",
+            kind,
             *extra,
         ]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
@@ -339,10 +406,14 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
     fields, and the numbers below it are what the planner reads)."""
     import yaml
 
+    ranks = (
+        f"{summary['ranks']} GPU rank(s) (CUDA provider, NCCL)"
+        if summary.get("kind") == "gpu"
+        else f"{summary['ranks']} MPI ranks x {summary['threads_per_rank']} onnxruntime thread(s)"
+    )
     head = [
         f"# Measured by `alpa-plan profile --cluster {base_spec}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M')}: {summary['ranks']} MPI ranks x "
-        f"{summary['threads_per_rank']} onnxruntime thread(s).",
+        f"{time.strftime('%Y-%m-%d %H:%M')}: {ranks}.",
         "# peak_* are the rates a rank achieves while every rank computes; kernel_latency = cost",
         "# per extra op in a session (one session.run call of one op costs "
         f"{summary['session_call_seconds'] * 1e6:.1f} us); dispatch_latency = the executor's",
@@ -372,9 +443,15 @@ def yaml_text(cluster: Cluster, base_spec: str, summary: dict) -> str:
         ]
     if "link_fit_median_relative_error" in summary:
         head.append(
-            "# Links: alpha-beta least squares over the executor's MPI collectives (one alpha, "
+            "# Links: alpha-beta least squares over the executor's collectives (one alpha, "
             "a bandwidth per kind), median"
             f" relative error {summary['link_fit_median_relative_error']:.1%}."
+        )
+    if summary.get("kind") == "gpu":
+        head.append(
+            "# Not measurable on one host, kept from the spec: inter_host"
+            + ("" if "link_fit_median_relative_error" in summary else " and intra_host (one GPU)")
+            + "."
         )
     body = yaml.safe_dump(cluster.model_dump(), sort_keys=False)
     return "\n".join(head) + "\n" + body
@@ -391,11 +468,7 @@ def profile(
     """Measure this machine as ``base_spec``'s ranks and write the calibrated yaml.
     ``workloads``: one-device plans of ``model`` whose training steps calibrate the roofline."""
     base = resolve_cluster(base_spec)
-    if base.device.kind != "cpu":
-        raise UserError(
-            f"profile measures CPU ranks on this machine; {base_spec!r} is a "
-            f"{base.device.kind} cluster (use cpu, cpu:N or cpu:HxN)"
-        )
+    ranks = base.num_devices if base.device.kind == "cpu" else _gpu_ranks(base, base_spec)
     if threads < 1 or budget <= 0:
         raise UserError("--threads must be >= 1 and --budget > 0")
     if bool(workloads) != bool(model):
@@ -405,10 +478,21 @@ def profile(
         graphs = [
             _save_workload(w, model or "", f) for w, f in zip(workloads, folders, strict=True)
         ]
-        measured = run_workers(base.num_devices, threads, budget, folders)
+        measured = run_workers(ranks, threads, budget, folders, base.device.kind)
     cluster, summary = cluster_from_measurements(base, measured, graphs)
     Path(output).write_text(yaml_text(cluster, base_spec, summary))
     return cluster
+
+
+def _gpu_ranks(base: Cluster, base_spec: str) -> int:
+    """One rank per GPU this host shows, at most the spec's devices per host; a one-line
+    ``UserError`` when onnxruntime-gpu, cupy or a GPU is missing."""
+    from runtime.cuda import require_cuda, visible_gpus
+
+    why = f"profile of the GPU cluster {base_spec!r} needs GPUs"
+    fallback = "(or profile CPU ranks: --cluster cpu:N)"
+    cp = require_cuda(why, fallback=fallback)
+    return min(base.devices_per_host, visible_gpus(cp, why, fallback))
 
 
 def _save_workload(plan_path: str, model: str, folder: str):

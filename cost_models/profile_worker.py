@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mpi4py.MPI import MAX
@@ -62,7 +63,7 @@ def lockstep(comm, segment: Callable[[], object], budget: float) -> dict:
     (``Device.sync_jitter``). Rounds alternate so a change of load hits both alike, and the
     median round of each counts."""
     everyone = tuple(range(comm.size))
-    one = np.ones(1, np.float32)
+    one = comm.to_device(np.ones(1, np.float32))
 
     def locked() -> None:
         segment()
@@ -83,9 +84,9 @@ def lockstep(comm, segment: Callable[[], object], budget: float) -> dict:
     }
 
 
-def matmul_segment(comm, threads: int) -> Callable[[], None]:
+def matmul_segment(comm, target: P.Target) -> Callable[[], None]:
     """About SEGMENT_SECONDS of MatMuls, the same count on every rank."""
-    work = P.matmul_runner(128, "float32", threads)
+    work = P.matmul_runner(128, "float32", target)
     work()
     start = time.perf_counter()
     work()
@@ -99,7 +100,7 @@ def matmul_segment(comm, threads: int) -> Callable[[], None]:
     return segment
 
 
-def dispatch_seconds(comm, threads: int, budget: float) -> float:
+def dispatch_seconds(comm, target: P.Target, budget: float) -> float:
     """What the executor pays per communication instruction besides the transfer: a
     collective splits a compute segment in two, so it adds one instruction of its own and one
     more onnxruntime session call. Measured by running the executor's own ``StageRunner``
@@ -111,12 +112,14 @@ def dispatch_seconds(comm, threads: int, budget: float) -> float:
     from runtime.partition import Collect, CollectiveOp, Run, Segment, StageProgram
     from runtime.worker import StageRunner
 
-    session = P._session(
+    graph = helper.make_graph(
         [helper.make_node("Add", ["x", "x"], ["y"])],
+        "dispatch",
         [P._tensor("x", "float32", [16])],
         [P._tensor("y", "float32", [16])],
-        threads,
     )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    session = target.make_session(model.SerializeToString())
     seg = Segment(inputs=["x"], outputs=["y"], session=session)
     everyone = tuple(range(comm.size))
     collect = Collect("y", [CollectiveOp("all_reduce", everyone, "sum", None)])
@@ -133,16 +136,17 @@ def dispatch_seconds(comm, threads: int, budget: float) -> float:
         segments=[seg],
     )
     runner = StageRunner(program, comm, {}, 1)
-    env = {"x": np.ones(16, np.float32)}
+    env = {"x": target.to_device(np.ones(16, np.float32))}
 
     def pair() -> None:
         runner.run("forward", env, 0)
+        target.sync()
 
     pair()
     return max(0.0, _mean_over(pair, budget, comm, less=lambda: comm.seconds))
 
 
-def workload(folder: str, comm, budget: float) -> dict:
+def workload(folder: str, comm, target: P.Target, budget: float) -> dict:
     """Seconds of one training step of a one-device plan's workload (saved by
     ``cost_models.profile``), run by the executor's ``StageRunner`` on every rank at once:
     what real graphs (their transcendental, reduction, scatter and layout ops, not only
@@ -151,17 +155,19 @@ def workload(folder: str, comm, budget: float) -> dict:
     step's time jitters: its ``lockstep`` with a sync after every step."""
     from planner.plan_io import load_plan
     from runtime.data import synthetic_batch
-    from runtime.partition import build_stage, cpu_session
+    from runtime.partition import build_stage
     from runtime.step import PreparedStep
     from runtime.worker import StageRunner
 
     plan = load_plan(str(Path(folder) / "plan.json"))
     step = PreparedStep.load(folder)
-    runner = StageRunner(build_stage(step.model, plan, 0, cpu_session), comm, step.state, 1)
+    stage = build_stage(step.model, plan, 0, target.make_session)
+    runner = StageRunner(stage, comm, step.state, 1)
     batch = synthetic_batch(step.model.graph, set(step.state), 1, seed=0)
 
     def one() -> None:
         runner.step(batch, plan.options.schedule, 1)
+        target.sync()
 
     one()
     comm.world.Barrier()
@@ -176,7 +182,7 @@ def workload(folder: str, comm, budget: float) -> dict:
     }
 
 
-def comm_samples(comm, threads: int, budget: float) -> list[dict]:
+def comm_samples(comm, target: P.Target, budget: float) -> list[dict]:
     """Every collective kind over all ranks, and send/recv between 0 and 1,
     back to back through the executor's communicator (waiting for a slower peer is the
     synchronisation cost ``lockstep`` measures; counting it here too would charge it
@@ -184,9 +190,9 @@ def comm_samples(comm, threads: int, budget: float) -> list[dict]:
     everyone = tuple(range(comm.size))
     samples = []
     for nbytes in COMM_BYTES:
-        x = np.ones(max(1, nbytes // 4) * comm.size, np.float32)
-        piece = np.ones(x.size // comm.size, np.float32)
-        buf = np.empty_like(piece)
+        x = target.to_device(np.ones(max(1, nbytes // 4) * comm.size, np.float32))
+        piece = target.to_device(np.ones(x.size // comm.size, np.float32))
+        buf = target.to_device(np.empty(piece.shape, np.float32))
 
         def ping(piece=piece, buf=buf) -> None:
             if comm.rank == 0:
@@ -222,19 +228,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--workload", action="append", default=[], help="folder of a one-device plan's step"
     )
+    parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args(argv)
-    from runtime.comm import MpiCommunicator
-
-    comm = MpiCommunicator()
+    comm, target = _open(args.kind, args.threads)
     comm.add_groups([tuple(range(comm.size))])
-    compute = P.measure_compute(args.threads, args.budget, barrier=comm.world.Barrier)
-    compute["dispatch"] = dispatch_seconds(comm, args.threads, args.budget)
+    compute = P.measure_compute(target, args.budget, barrier=comm.world.Barrier)
+    compute["dispatch"] = dispatch_seconds(comm, target, args.budget)
     everyone = comm.world.gather(compute, root=0)
     sync, samples = {}, []
-    workloads = [workload(w, comm, 20 * args.budget) for w in args.workload]
+    workloads = [workload(w, comm, target, 20 * args.budget) for w in args.workload]
     if comm.size > 1:
-        sync = lockstep(comm, matmul_segment(comm, args.threads), args.budget)
-        samples = comm_samples(comm, args.threads, args.budget)
+        sync = lockstep(comm, matmul_segment(comm, target), args.budget)
+        samples = comm_samples(comm, target, args.budget)
     if comm.rank == 0:
         result = {
             "ranks": comm.size,
@@ -247,6 +252,26 @@ def main(argv: list[str]) -> int:
         }
         Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _open(kind: str, threads: int) -> tuple[Any, P.Target]:
+    """This rank's communicator and measuring target: MPI and CPU sessions, or NCCL and CUDA
+    sessions on the rank's GPU and the communicator's stream (as ``run`` sets them up)."""
+    from runtime.comm import MpiCommunicator
+
+    mpi = MpiCommunicator()
+    if kind == "cpu":
+        return mpi, P.cpu_target(threads)
+    from runtime.cuda import CudaSession, NcclCommunicator
+
+    comm = NcclCommunicator(mpi, mpi.size, "profile on GPUs needs them")
+    target = P.Target(
+        "gpu",
+        lambda model: CudaSession(model, comm.device, None, comm.stream.ptr),
+        comm.to_device,
+        comm.stream.synchronize,
+    )
+    return comm, target
 
 
 if __name__ == "__main__":

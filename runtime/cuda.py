@@ -39,7 +39,7 @@ from runtime.comm import (
 
 CPU_HINT = "(or run with --backend cpu)"
 ORT_GPU_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
-CUPY_HINT = "pip install 'alpa-plan[cuda]' (cupy-cuda12x)"
+CUPY_HINT = "pip install 'alpa-plan[cuda]' (cupy-cuda13x; cupy-cuda12x for CUDA 12)"
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
 NCCL_DTYPES = {
     "float16": "NCCL_FLOAT16",
@@ -65,10 +65,10 @@ ORT_ELEMENT_TYPES = {
 }
 
 
-def require_cuda(why: str, providers: Sequence[str] | None = None) -> Any:
+def require_cuda(why: str, providers: Sequence[str] | None = None, fallback: str = CPU_HINT) -> Any:
     """The ``cupy`` module, after checking that onnxruntime has the CUDA execution provider
     and cupy imports with NCCL; otherwise a one-line ``UserError`` saying, after ``why`` (what
-    asked for the GPU), what is missing and how to install it."""
+    asked for the GPU), what is missing and how to install it, then ``fallback``."""
     if providers is None:
         import onnxruntime as ort
 
@@ -76,19 +76,19 @@ def require_cuda(why: str, providers: Sequence[str] | None = None) -> Any:
     if "CUDAExecutionProvider" not in providers:
         raise UserError(
             f"{why} but onnxruntime has no CUDAExecutionProvider (it has {list(providers)}): "
-            f"{ORT_GPU_HINT} {CPU_HINT}"
+            f"{ORT_GPU_HINT} {fallback}"
         )
     try:
         import cupy
         from cupy.cuda import nccl  # noqa: F401  (fails when cupy was built without NCCL)
     except ImportError as exc:
         raise UserError(
-            f"{why} but cupy with NCCL is not importable ({exc}): {CUPY_HINT} {CPU_HINT}"
+            f"{why} but cupy with NCCL is not importable ({exc}): {CUPY_HINT} {fallback}"
         ) from None
     return cupy
 
 
-def visible_gpus(cp: Any, why: str) -> int:
+def visible_gpus(cp: Any, why: str, fallback: str = CPU_HINT) -> int:
     """How many GPUs CUDA shows this process; a ``UserError`` when none (no driver, no
     device, or CUDA_VISIBLE_DEVICES hiding them all)."""
     try:
@@ -100,7 +100,7 @@ def visible_gpus(cp: Any, why: str) -> int:
     if count < 1:
         raise UserError(
             f"{why} but CUDA sees no GPU ({detail}): check nvidia-smi and "
-            f"CUDA_VISIBLE_DEVICES {CPU_HINT}"
+            f"CUDA_VISIBLE_DEVICES {fallback}"
         )
     return count
 
@@ -193,6 +193,11 @@ class NcclCommunicator(Communicator):
         else:  # NCCL still runs on one rank: lets a single GPU check the whole path
             self._comms[world] = self.nccl.NcclCommunicator(1, self.nccl.get_unique_id(), 0)
         self._world = self._comms[world]
+
+    @property
+    def world(self) -> Any:
+        """The MPI world of the control plane (barriers and small objects)."""
+        return self.mpi.world
 
     def to_device(self, x: np.ndarray) -> Any:
         return self.cp.asarray(x)

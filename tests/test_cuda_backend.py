@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cost_models.cluster import resolve_cluster
 from planner.errors import UserError
 from planner.plan_io import load_plan
 from runtime import backend, cuda, reshard
@@ -331,3 +332,23 @@ def test_gpu_plan_runs_and_verifies_on_the_gpu(gpu_plan, tmp_path):
     on_gpu, on_cpu = (json.loads(reports[n].read_text()) for n in ("auto", "cpu"))
     assert on_gpu["backend"] == "cuda" and on_cpu["backend"] == "cpu"
     assert on_gpu["losses"] == pytest.approx(on_cpu["losses"], rel=1e-4)
+
+
+@gpu
+def test_profile_measures_this_hosts_gpus(tmp_path):
+    """`profile` of a GPU spec measures the GPUs through the CUDA provider and NCCL: the
+    tensor cores outrun float32 (TF32 off), and compile accepts the yaml."""
+    out = tmp_path / "measured.yaml"
+    profiled = _alpa("profile", "--cluster", "dgx-h100", "-o", str(out), "--budget", "0.02")
+    assert profiled.returncode == 0, profiled.stderr
+    cluster = resolve_cluster(str(out))
+    flops = cluster.device.peak_flops
+    assert flops["float16"] > 2 * flops["float32"] and flops["bfloat16"] > 2 * flops["float32"]
+    assert cluster.device.memory_bandwidth > 1e11 and cluster.device.kernel_latency < 1e-3
+    assert "GPU rank(s) (CUDA provider, NCCL)" in out.read_text()
+    plan = tmp_path / "plan.json"
+    compiled = _alpa(
+        "compile", str(GPT2), "--dim", "batch=16", "--dim", "seq=32", "--cluster", str(out),
+        "--loss", "cross_entropy", "--labels", "auto", "-o", str(plan),
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr

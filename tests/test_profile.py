@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from cost_models import collectives as c
@@ -109,9 +110,42 @@ def test_measured_cluster_keeps_the_layout_and_round_trips(tmp_path):
     assert cluster.device.sync_jitter == pytest.approx(4e-4 / 2e-3**0.5)  # the median
 
 
-def test_profile_refuses_gpu_clusters(tmp_path):
-    with pytest.raises(UserError, match="gpu cluster"):
+def test_gpu_profile_keeps_what_one_host_cannot_measure(tmp_path):
+    """A GPU spec measured on one host: its rates and the NCCL link inside the host are
+    measured; the inter-host link and the dtypes not measured (float64) stay the spec's."""
+    base = resolve_cluster("dgx-h100")
+    rank = {
+        "matmul_flops": {
+            "float32": {4096: 5e13},
+            "float16": {8192: 6e14},
+            "bfloat16": {8192: 6.2e14},
+        },
+        "memory_bandwidth": 3e12,
+        "kernel_latency": 4e-6,
+        "session_call": 3e-5,
+        "dispatch": 2e-5,
+    }
+    measured = {"ranks": 2, "threads": 1, "compute": [rank, rank], "comm": SAMPLES}
+    cluster, summary = cluster_from_measurements(base, measured)
+    assert cluster.device.peak_flops == {"float32": 5e13, "float16": 6e14, "bfloat16": 6.2e14}
+    assert cluster.inter_host == base.inter_host
+    assert cluster.intra_host.latency == pytest.approx(ALPHA)
+    text = yaml_text(cluster, "dgx-h100", summary)
+    assert "2 GPU rank(s) (CUDA provider, NCCL)" in text
+    assert "kept from the spec: inter_host." in text
+    one_gpu, summary = cluster_from_measurements(base, measured | {"ranks": 1, "comm": []})
+    assert one_gpu.intra_host == base.intra_host
+    assert "inter_host and intra_host (one GPU)" in yaml_text(one_gpu, "dgx-h100", summary)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(),
+    reason="this onnxruntime has the CUDA provider",
+)
+def test_gpu_profile_without_gpus_says_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match="profile of the GPU cluster 'dgx-a100' needs GPUs but"):
         profile("dgx-a100", str(tmp_path / "x.yaml"))
+    assert not (tmp_path / "x.yaml").exists()
 
 
 @pytest.mark.slow
