@@ -263,11 +263,12 @@ def _open(kind: str, threads: int) -> tuple[Any, P.Target]:
     if kind == "cpu":
         return mpi, P.cpu_target(threads)
     from runtime.cuda import CudaSession, NcclCommunicator
+    from runtime.partition import session_options
 
     comm = NcclCommunicator(mpi, mpi.size, "profile on GPUs needs them")
     target = P.Target(
         "gpu",
-        lambda model: CudaSession(model, comm.device, None, comm.stream.ptr),
+        lambda model: CudaSession(model, comm.device, session_options(), comm.stream.ptr),
         comm.to_device,
         comm.stream.synchronize,
     )
