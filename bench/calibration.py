@@ -97,7 +97,7 @@ def main() -> None:
         "--warmup", type=int, default=10, help="steps left out of a run's median (warm-up)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="runs per plan, round-robin (median shown)"
+        "--rounds", type=int, default=9, help="runs per plan, round-robin (median shown)"
     )
     parser.add_argument("--keep", type=Path, help="keep the profile, plans and reports here")
     args = parser.parse_args()
@@ -165,6 +165,15 @@ def main() -> None:
     meas = np.array([r[2] for r in rows])
     rho = float(spearmanr(pred, meas).statistic)
     rel = np.abs(pred - meas) / meas
+    # How far noise alone moves the ranking: each round's runs ranked on their own.
+    per_round = [
+        float(spearmanr(pred, [_steady(runs[n][k], args.warmup) for n in runs]).statistic)
+        for k in range(args.rounds)
+    ]
+    spread = [
+        np.subtract(*np.percentile([_steady(r, args.warmup) for r in runs[n]], [75, 25])) / m
+        for n, m in zip(runs, meas, strict=True)
+    ]
     lines = [
         "# Cost-model calibration on this machine",
         "",
@@ -191,6 +200,11 @@ def main() -> None:
         "",
         f"**Spearman rank correlation {rho:.3f}** (target >= 0.9), "
         f"**median relative error {float(np.median(rel)):.1%}** (target <= 15%).",
+        "",
+        f"Noise: one round's runs alone rank the plans with Spearman {np.median(per_round):.3f} "
+        f"(median of {args.rounds} rounds; {min(per_round):.3f} to {max(per_round):.3f}); a "
+        "plan's runs spread by a median interquartile range of "
+        f"{float(np.median(spread)):.1%} of its median.",
         "",
         "Measured cluster:",
         "",
