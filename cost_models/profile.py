@@ -22,7 +22,8 @@ links altogether when this host has one GPU.
   planner charges it at every collective of a stage of several devices, see
   ``cost_models.collectives.sync_wait``). Measured on the workloads' real training steps
   when given (their jitter is what a plan's segments see), else on MatMul segments;
-- workloads (optional): one-device training steps of the model to plan, run by the executor;
+- workloads (optional): one-device training steps of the model to plan, run by the executor
+  (in interleaved rounds, the median round of each);
   their measured time against the roofline's gives the share of the rates real graphs get
   (stored as the compute and memory efficiencies) and, from two or more sizes, what every op
   pays (stored as ``kernel_latency``: real ops cost more than a tiny Add);

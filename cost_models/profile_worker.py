@@ -31,6 +31,7 @@ COMM_BYTES = (4, 256, 4096, 65536, 1 << 18, 1 << 20, 1 << 22)
 
 SEGMENT_SECONDS = 5e-4  # a compute segment between two collectives, as in a training step
 SYNC_ROUNDS = 7  # odd: the median round is a measured one
+WORKLOAD_ROUNDS = 5
 
 
 def _mean_over(
@@ -146,13 +147,11 @@ def dispatch_seconds(comm, target: P.Target, budget: float) -> float:
     return max(0.0, _mean_over(pair, budget, comm, less=lambda: comm.seconds))
 
 
-def workload(folder: str, comm, target: P.Target, budget: float) -> dict:
-    """Seconds of one training step of a one-device plan's workload (saved by
-    ``cost_models.profile``), run by the executor's ``StageRunner`` on every rank at once:
-    what real graphs (their transcendental, reduction, scatter and layout ops, not only
-    MatMuls and Adds) and the executor's own work around their sessions take, against what
-    the roofline says (the slowest rank's mean); and with several ranks, how much a real
-    step's time jitters: its ``lockstep`` with a sync after every step."""
+def workload_step(folder: str, comm, target: P.Target) -> Callable[[], None]:
+    """One training step of a one-device plan's workload (saved by ``cost_models.profile``),
+    run by the executor's ``StageRunner`` on every rank at once: what real graphs (their
+    transcendental, reduction, scatter and layout ops, not only MatMuls and Adds) and the
+    executor's own work around their sessions take, against what the roofline says."""
     from planner.plan_io import load_plan
     from runtime.data import synthetic_batch
     from runtime.partition import build_stage
@@ -170,16 +169,19 @@ def workload(folder: str, comm, target: P.Target, budget: float) -> dict:
         target.sync()
 
     one()
-    comm.world.Barrier()
-    start, steps = time.perf_counter(), 0
-    while steps < 3 or time.perf_counter() - start < budget:
-        one()
-        steps += 1
-    seconds = float(comm.world.allreduce((time.perf_counter() - start) / steps, op=MAX))
-    return {
-        "seconds": seconds,
-        "lockstep": lockstep(comm, one, budget / 5) if comm.size > 1 else None,
-    }
+    return one
+
+
+def interleaved_seconds(comm, calls: list[Callable[[], None]], budget: float) -> list[float]:
+    """Seconds per call of each of ``calls`` (the slowest rank's), measured in interleaved
+    rounds, the median round of each: a burst of other work on the machine then hits one
+    round of every call rather than every round of one (steps of small workloads moved by
+    20-30% between profiles measured in one stretch each)."""
+    rounds = [
+        [_mean_over(call, budget / WORKLOAD_ROUNDS, comm) for call in calls]
+        for _ in range(WORKLOAD_ROUNDS)
+    ]
+    return [float(np.median(column)) for column in zip(*rounds, strict=True)]
 
 
 def comm_samples(comm, target: P.Target, budget: float) -> list[dict]:
@@ -236,7 +238,10 @@ def main(argv: list[str]) -> int:
     compute["dispatch"] = dispatch_seconds(comm, target, args.budget)
     everyone = comm.world.gather(compute, root=0)
     sync, samples = {}, []
-    workloads = [workload(w, comm, target, 20 * args.budget) for w in args.workload]
+    steps = [workload_step(w, comm, target) for w in args.workload]
+    seconds = interleaved_seconds(comm, steps, 20 * args.budget) if steps else []
+    # with several ranks, how much a real step's time jitters: its lockstep, a sync after each
+    steps_sync = [lockstep(comm, s, 4 * args.budget) for s in steps] if comm.size > 1 else []
     if comm.size > 1:
         sync = lockstep(comm, matmul_segment(comm, target), args.budget)
         samples = comm_samples(comm, target, args.budget)
@@ -246,8 +251,8 @@ def main(argv: list[str]) -> int:
             "threads": args.threads,
             "compute": everyone,
             "sync": sync,
-            "workload_seconds": [w["seconds"] for w in workloads],
-            "workload_sync": [w["lockstep"] for w in workloads if w["lockstep"]],
+            "workload_seconds": seconds,
+            "workload_sync": steps_sync,
             "comm": samples,
         }
         Path(args.output).write_text(json.dumps(result, indent=2))
