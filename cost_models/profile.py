@@ -86,11 +86,7 @@ class Target:
 
     def runner(self, nodes, inputs, outputs, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
         """A call that runs the graph once on ``feeds`` (placed once) and waits for it."""
-        from onnx import helper
-
-        graph = helper.make_graph(nodes, "profile", inputs, outputs)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-        session = self.make_session(model.SerializeToString())
+        session = self.make_session(model_bytes(nodes, inputs, outputs))
         placed = {k: self.to_device(v) for k, v in feeds.items()}
         names = [o.name for o in outputs]
 
@@ -99,6 +95,15 @@ class Target:
             self.sync()
 
         return call
+
+
+def model_bytes(nodes, inputs, outputs) -> bytes:
+    """A serialized one-graph model of ``nodes`` (opset 17)."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "profile", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
 
 
 def cpu_target(threads: int) -> Target:

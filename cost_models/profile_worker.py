@@ -5,9 +5,9 @@ N ranks on one machine share its cores, caches and memory bandwidth, so a lone p
 overstate what each rank achieves. What synchronising at collectives costs on top is measured
 apart (``lockstep``), and so is what the executor pays per communication instruction
 (``dispatch_seconds``, through the executor's own ``StageRunner``). Communication goes through
-the executor's own ``runtime.comm.MpiCommunicator`` so the fitted alpha includes its polling
-and copies, not only MPICH's. Rank 0 writes every sample as JSON; ``cost_models.profile`` fits
-the cluster.
+the executor's own communicator (``runtime.comm.MpiCommunicator``, or NCCL's on GPUs) so the
+fitted alpha includes its polling and copies, not only the library's. Rank 0 writes every
+sample as JSON; ``cost_models.profile`` fits the cluster.
 """
 
 from __future__ import annotations
@@ -113,14 +113,13 @@ def dispatch_seconds(comm, target: P.Target, budget: float) -> float:
     from runtime.partition import Collect, CollectiveOp, Run, Segment, StageProgram
     from runtime.worker import StageRunner
 
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "x"], ["y"])],
-        "dispatch",
-        [P._tensor("x", "float32", [16])],
-        [P._tensor("y", "float32", [16])],
+    session = target.make_session(
+        P.model_bytes(
+            [helper.make_node("Add", ["x", "x"], ["y"])],
+            [P._tensor("x", "float32", [16])],
+            [P._tensor("y", "float32", [16])],
+        )
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = target.make_session(model.SerializeToString())
     seg = Segment(inputs=["x"], outputs=["y"], session=session)
     everyone = tuple(range(comm.size))
     collect = Collect("y", [CollectiveOp("all_reduce", everyone, "sum", None)])
