@@ -266,6 +266,15 @@ def test_every_member_of_a_group_gets_its_id_and_its_position_as_nccl_rank():
         cuda.my_communicators(groups, 0, {})
 
 
+def test_cuda_libraries_are_preloaded_where_onnxruntime_can():
+    """onnxruntime-gpu's ``preload_dlls`` finds the CUDA/cuDNN of pip's nvidia packages (the
+    CUDA provider then needs no LD_LIBRARY_PATH); builds without it are left alone."""
+    calls: list[int] = []
+    cuda.load_cuda_libraries(SimpleNamespace(preload_dlls=lambda: calls.append(1)))
+    cuda.load_cuda_libraries(SimpleNamespace())
+    assert calls == [1]
+
+
 def test_dtype_maps():
     fake = SimpleNamespace(NCCL_FLOAT32=7, NCCL_INT64=4, NCCL_UINT8=1)
     assert cuda.nccl_dtype(fake, np.dtype(np.float32)) == 7
