@@ -99,6 +99,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=9, help="runs per plan, round-robin (median shown)"
     )
+    parser.add_argument(
+        "--profile-budget",
+        default="0.2",
+        help="profile's seconds per measurement (its default is 0.05; longer windows steady "
+        "the estimate of the wait for the slowest rank, which prices multi-device stages)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the profile, plans and reports here")
     args = parser.parse_args()
     dims = [x for d in (args.dim or ["batch=16", "seq=32"]) for x in ("--dim", d)]
@@ -126,6 +132,8 @@ def main() -> None:
             *workloads,
             "--model",
             args.model,
+            "--budget",
+            args.profile_budget,
             env=env,
         )
         print(profiled, flush=True)
@@ -178,7 +186,8 @@ def main() -> None:
         "# Cost-model calibration on this machine",
         "",
         f"`python bench/calibration.py` — model `{args.model}` ({' '.join(dims)}), cluster "
-        f"`{args.cluster}` profiled by `alpa-plan profile`, {args.steps} steps per run "
+        f"`{args.cluster}` profiled by `alpa-plan profile --budget {args.profile_budget}`, "
+        f"{args.steps} steps per run "
         f"(measured = median step wall time after the first {args.warmup}, from "
         "`PLAN.run.json`), the median "
         f"of {args.rounds} runs per plan taken round-robin, `ALPA_ORT_THREADS=1`. Load "
