@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## demo: compile the example GPT-2 for 4 CPU ranks and run a few training steps of the plan.
+# one rank per core, at most 4: more ranks than cores run slower than any plan predicts
+DEMO_RANKS ?= $(shell n=$$(nproc 2>/dev/null || echo 4); [ $$n -lt 4 ] && echo $$n || echo 4)
+
+## demo: compile the example GPT-2 for up to 4 CPU ranks (one per core) and run a few steps.
 demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/alpa-plan compile tests/fixtures/gpt2.ts.onnx --dim batch=8 --dim seq=16 \
-	  --cluster cpu:4 --loss cross_entropy --labels labels --optimizer adam -o out/demo-plan.json
+	  --cluster cpu:$(DEMO_RANKS) --loss cross_entropy --labels labels --optimizer adam \
+	  -o out/demo-plan.json
 	$(BIN)/alpa-plan inspect out/demo-plan.json
 	$(BIN)/alpa-plan run out/demo-plan.json --model tests/fixtures/gpt2.ts.onnx --steps 5
 

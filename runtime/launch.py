@@ -37,10 +37,28 @@ def binding(ranks: int) -> list[str]:
     stalls every rank at the next collective (the same plan ran 8.7-12.9 ms per step
     unpinned, 9.2-10.2 ms pinned). None when the ranks outnumber the CPUs, or with
     ALPA_BIND=none."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = _cpus()
     if os.environ.get(BIND) == "none" or not cpus or ranks > cpus:
         return []
     return ["-bind-to", f"hwthread:{cpus // ranks}"]
+
+
+def _cpus() -> int | None:
+    """Logical CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def oversubscription_note(ranks: int) -> str | None:
+    """A note when ``ranks`` CPU ranks outnumber this machine's CPUs: the plan priced every
+    rank with a core of its own, so its steps will run slower than it predicts."""
+    cpus = _cpus()
+    if not cpus or ranks <= cpus:
+        return None
+    return (
+        f"note: the plan's {ranks} ranks share {cpus} CPUs here, so steps will run slower than "
+        f"predicted (each rank was priced with a core of its own); compile for cpu:{cpus} to "
+        "match this machine"
+    )
 
 
 def job_size() -> int | None:
@@ -136,7 +154,7 @@ def launch(
 ) -> int:
     """Run the plan on its ranks with ``backend`` (auto|cpu|cuda, see ``runtime.backend``);
     returns the job's exit code."""
-    from runtime.backend import check_local
+    from runtime.backend import check_local, resolve
     from runtime.worker import main, required_ranks
 
     plan = load_plan(plan_path)
@@ -152,6 +170,9 @@ def launch(
             raise UserError(f"this MPI job has {size} ranks; the plan needs {ranks}")
         return main([*args, *(["--step", step_dir] if step_dir else ["--model", model or ""])])
     check_local(backend, plan, ranks)
+    note = oversubscription_note(ranks) if resolve(backend, plan) == "cpu" else None
+    if note:
+        sys.stderr.write(note + "\n")
     with tempfile.TemporaryDirectory(prefix="alpa-step-") as tmp:
         if step_dir is None:
             from runtime.data import load_batch

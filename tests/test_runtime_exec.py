@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from planner.plan_io import load_plan
 from runtime.checkpoint import load_full
-from runtime.launch import binding, mpiexec
+from runtime.launch import binding, mpiexec, oversubscription_note
 from runtime.partition import build_stage, cpu_session
 from runtime.precision import LossScaler, without_repeated_casts
 from runtime.step import prepare_step
@@ -109,6 +109,14 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     result = _mpi(4, script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok") == 4
+
+
+def test_more_cpu_ranks_than_cpus_get_a_note(monkeypatch):
+    """The demo once ran 4 ranks on 2 CPUs at 4x its predicted step time without a word."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert oversubscription_note(2) is None
+    note = oversubscription_note(4)
+    assert note is not None and "4 ranks share 2 CPUs" in note and "cpu:2" in note
 
 
 def test_ranks_are_pinned_to_their_share_of_the_cpus(monkeypatch):
