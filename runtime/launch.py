@@ -170,9 +170,6 @@ def launch(
             raise UserError(f"this MPI job has {size} ranks; the plan needs {ranks}")
         return main([*args, *(["--step", step_dir] if step_dir else ["--model", model or ""])])
     check_local(backend, plan, ranks)
-    note = oversubscription_note(ranks) if resolve(backend, plan) == "cpu" else None
-    if note:
-        sys.stderr.write(note + "\n")
     with tempfile.TemporaryDirectory(prefix="alpa-step-") as tmp:
         if step_dir is None:
             from runtime.data import load_batch
@@ -185,6 +182,9 @@ def launch(
                 load_batch(data, step.model.graph, set(step.state), plan.options.microbatches)
             step.save(tmp)
             step_dir = tmp
+        note = oversubscription_note(ranks) if resolve(backend, plan) == "cpu" else None
+        if note:  # after every check: an error stays the one line
+            sys.stderr.write(note + "\n")
         cmd = [
             mpiexec(),
             *binding(ranks),
