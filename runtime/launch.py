@@ -49,15 +49,16 @@ def _cpus() -> int | None:
 
 
 def oversubscription_note(ranks: int) -> str | None:
-    """A note when ``ranks`` CPU ranks outnumber this machine's CPUs: the plan priced every
-    rank with a core of its own, so its steps will run slower than it predicts."""
+    """A note when ``ranks`` CPU ranks outnumber this machine's CPUs: unless its cluster was
+    profiled here, the plan priced every rank with a core of its own, so its steps will run
+    slower than it predicts."""
     cpus = _cpus()
     if not cpus or ranks <= cpus:
         return None
     return (
-        f"note: the plan's {ranks} ranks share {cpus} CPUs here, so steps will run slower than "
-        f"predicted (each rank was priced with a core of its own); compile for cpu:{cpus} to "
-        "match this machine"
+        f"note: the plan's {ranks} ranks share {cpus} CPUs here; unless its cluster was "
+        "profiled on this machine, each rank was priced with a core of its own and steps will "
+        f"run slower than predicted (compile for cpu:{cpus} to match this machine)"
     )
 
 
