@@ -239,9 +239,10 @@ def main(argv: list[str]) -> int:
     sync, samples = {}, []
     steps = [workload_step(w, comm, target) for w in args.workload]
     seconds = interleaved_seconds(comm, steps, 20 * args.budget) if steps else []
-    # with several ranks, how much a real step's time jitters: its lockstep, a sync after each
-    steps_sync = [lockstep(comm, s, 4 * args.budget) for s in steps] if comm.size > 1 else []
+    steps_sync = []
     if comm.size > 1:
+        # how much a real step's time jitters: its lockstep, a sync after each
+        steps_sync = [lockstep(comm, s, 4 * args.budget) for s in steps]
         sync = lockstep(comm, matmul_segment(comm, target), args.budget)
         samples = comm_samples(comm, target, args.budget)
     if comm.rank == 0:
@@ -266,17 +267,11 @@ def _open(kind: str, threads: int) -> tuple[Any, P.Target]:
     mpi = MpiCommunicator()
     if kind == "cpu":
         return mpi, P.cpu_target(threads)
-    from runtime.cuda import CudaSession, NcclCommunicator
-    from runtime.partition import session_options
+    from runtime.backend import cuda_backend
 
-    comm = NcclCommunicator(mpi, mpi.size, "profile on GPUs needs them")
-    target = P.Target(
-        "gpu",
-        lambda model: CudaSession(model, comm.device, session_options(), comm.stream.ptr),
-        comm.to_device,
-        comm.stream.synchronize,
-    )
-    return comm, target
+    backend = cuda_backend(mpi, mpi.size, "profile on GPUs needs them")
+    comm = backend.comm
+    return comm, P.Target("gpu", backend.make_session, comm.to_device, comm.stream.synchronize)
 
 
 if __name__ == "__main__":

@@ -69,16 +69,23 @@ class Backend:
 
 def open_backend(requested: str, plan: Plan, mpi: MpiCommunicator) -> Backend:
     """This rank's communicator and session factory (every rank calls it)."""
-    from runtime.partition import cpu_session, session_options
+    from runtime.partition import cpu_session
 
-    name = resolve(requested, plan)
-    if name == "cpu":
-        return Backend(name, mpi, cpu_session)
+    if resolve(requested, plan) == "cpu":
+        return Backend("cpu", mpi, cpu_session)
+    devices_per_host = int(plan.cluster.get("devices_per_host", 1))
+    return cuda_backend(mpi, devices_per_host, why_gpus(requested))
+
+
+def cuda_backend(mpi: MpiCommunicator, devices_per_host: int, why: str) -> Backend:
+    """NCCL on this rank's GPU, and CUDA sessions on the communicator's stream; ``why``: what
+    asked for GPUs, for the error when they are missing."""
     from runtime.cuda import CudaSession, NcclCommunicator
+    from runtime.partition import session_options
 
-    comm = NcclCommunicator(mpi, int(plan.cluster.get("devices_per_host", 1)), why_gpus(requested))
+    comm = NcclCommunicator(mpi, devices_per_host, why)
 
     def make_session(model: bytes) -> Session:
         return CudaSession(model, comm.device, session_options(), comm.stream.ptr)
 
-    return Backend(name, comm, make_session)
+    return Backend("cuda", comm, make_session)
