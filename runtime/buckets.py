@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -111,44 +112,112 @@ def layout(
     return out
 
 
-def run_bucket(
-    b: Bucket, xs: list[np.ndarray], comm: Communicator, buffer: np.ndarray | None = None
-) -> list[np.ndarray]:
-    """``run_collective(b.ops[i], xs[i])`` for every member with one call. ``buffer`` (only
-    for an all-reduce): where to pack its tensors (``b.spans[-1][1]`` elements), which it
-    then reduces in place: the results are views of it."""
+Packed = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def bind_bucket(
+    b: Bucket, dtype: np.dtype, xp: ModuleType, comm: Communicator, reuse: bool = False
+) -> Packed:
+    """``run_collective(b.ops[i], xs[i])`` for every member of ``b`` as one call, every
+    offset, view and reshape worked out here, once. ``reuse``: the buffers the call packs
+    into and receives into are kept from call to call and the results are views of them,
+    valid until the next call (see ``Synchronizer``); otherwise each call allocates them."""
     op = b.ops[0]
     p = len(op.group)
-    if len(xs) == 1 or p == 1:
-        return [run_collective(o, x, comm) for o, x in zip(b.ops, xs, strict=True)]
-    xp = array_module(xs[0])
+    if len(b.members) == 1 or p == 1:
+        ops = b.ops
+        return lambda xs: [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
+    total = b.spans[-1][1]
+    # each member's (leading size, chunk) so that x.reshape(pre, p, -1) splits it along its dim
+    pres = [math.prod(s[: o.dim]) if o.dim else 1 for o, s in zip(b.ops, b.shapes, strict=True)]
     if op.kind == "reduce_scatter":
         # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
         # each tensor is copied once, straight into its columns
-        send = xp.empty((p, b.spans[-1][1]), xs[0].dtype)
-        for o, x, (a, e) in zip(b.ops, xs, b.spans, strict=True):
-            pre = math.prod(x.shape[: o.dim])
-            xp.copyto(send[:, a:e].reshape(p, pre, -1), x.reshape(pre, p, -1).transpose(1, 0, 2))
-        return _unpacked(b, comm.reduce_scatter(send, op.group, 0, op.reduce).reshape(-1))
-    flat = xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
+        splits = [(pre, p, -1) for pre in pres]
+
+        def rows(send: np.ndarray) -> list[np.ndarray]:
+            return [
+                send[:, a:e].reshape(p, pre, -1) for (a, e), pre in zip(b.spans, pres, strict=True)
+            ]
+
+        def scatter(send: np.ndarray, dsts: list[np.ndarray], xs: list[np.ndarray], out=None):
+            for x, split, dst in zip(xs, splits, dsts, strict=True):
+                xp.copyto(dst, x.reshape(split).transpose(1, 0, 2))
+            return comm.reduce_scatter(send, op.group, 0, op.reduce, out=out)
+
+        if reuse:
+            send, recv = xp.empty((p, total), dtype), xp.empty(total, dtype)
+            dsts, results = rows(send), _unpacked(b, recv)
+            return lambda xs: (scatter(send, dsts, xs, recv), results)[1]
+
+        def reduce_scattered(xs: list[np.ndarray]) -> list[np.ndarray]:
+            send = xp.empty((p, total), dtype)
+            return _unpacked(b, scatter(send, rows(send), xs).reshape(-1))
+
+        return reduce_scattered
     if op.kind == "all_gather":
         # every tensor is copied once, from the ranks' rows straight into its gathered layout
-        everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
-        out = []
-        for o, x, (a, e), shape in zip(b.ops, xs, b.spans, b.results, strict=True):
-            pre = math.prod(x.shape[: o.dim])
-            if pre == 1:  # the ranks' pieces follow each other: one copying reshape
-                out.append(everyone[:, a:e].reshape(shape))
-                continue
-            y = xp.empty(shape, x.dtype)
-            xp.copyto(
-                y.reshape(pre, p, -1), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2)
-            )
-            out.append(y)
-        return out
-    if buffer is not None:
-        return _unpacked(b, comm.all_reduce(flat, op.group, op.reduce, inplace=True))
-    return _unpacked(b, run_collective(op, flat, comm))
+        # (the ranks' pieces of a tensor split along its first dim follow each other)
+        def pieces(everyone: np.ndarray) -> list[np.ndarray]:
+            return [
+                everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2)
+                for (a, e), pre in zip(b.spans, pres, strict=True)
+            ]
+
+        gathered = [(pre, p, -1) for pre in pres]
+        if reuse:
+            flat, everyone = xp.empty(total, dtype), xp.empty((p, total), dtype)
+            results = [xp.empty(s, dtype) for s in b.results]
+            pairs = list(
+                zip([y.reshape(g) for y, g in zip(results, gathered, strict=True)],
+                    pieces(everyone), strict=True)
+            )  # fmt: skip
+
+            def gather_into(xs: list[np.ndarray]) -> list[np.ndarray]:
+                xp.concatenate([x.reshape(-1) for x in xs], out=flat)
+                comm.all_gather(flat, op.group, 0, out=everyone)
+                for dst, src in pairs:
+                    xp.copyto(dst, src)
+                return results
+
+            return gather_into
+        shapes = b.results
+        unpack = [
+            (a, e, pre, g, s)
+            for (a, e), pre, g, s in zip(b.spans, pres, gathered, shapes, strict=True)
+        ]
+
+        def gather(xs: list[np.ndarray]) -> list[np.ndarray]:
+            flat = xp.concatenate([x.reshape(-1) for x in xs])
+            everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
+            out = []
+            for a, e, pre, g, s in unpack:
+                if pre == 1:  # the ranks' pieces follow each other: one copying reshape
+                    out.append(everyone[:, a:e].reshape(s))
+                    continue
+                y = xp.empty(s, dtype)
+                xp.copyto(y.reshape(g), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
+                out.append(y)
+            return out
+
+        return gather
+    if reuse and op.kind == "all_reduce":
+        # packed into a kept buffer and reduced in place: the results are views of it
+        buffer = xp.empty(total, dtype)
+        results = _unpacked(b, buffer)
+
+        def reduce_in_place(xs: list[np.ndarray]) -> list[np.ndarray]:
+            xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
+            comm.all_reduce(buffer, op.group, op.reduce, inplace=True)
+            return results
+
+        return reduce_in_place
+
+    def packed(xs: list[np.ndarray]) -> list[np.ndarray]:
+        flat = xp.concatenate([x.reshape(-1) for x in xs])
+        return _unpacked(b, run_collective(op, flat, comm))
+
+    return packed
 
 
 def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
@@ -157,18 +226,14 @@ def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
 
 
 def run(
-    buckets: Sequence[Bucket],
-    xs: Sequence[np.ndarray],
-    comm: Communicator,
-    buffers: Sequence[np.ndarray | None] | None = None,
-):
-    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs`` (``buffers``: one
-    per bucket or None, see ``run_bucket``)."""
+    buckets: Sequence[Bucket], xs: Sequence[np.ndarray], comm: Communicator
+) -> list[np.ndarray]:
+    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs``."""
     xs = list(xs)
-    for k, b in enumerate(buckets):
-        buffer = buffers[k] if buffers is not None else None
-        done = run_bucket(b, [xs[i] for i in b.members], comm, buffer)
-        for i, y in zip(b.members, done, strict=True):
+    for b in buckets:
+        first = xs[b.members[0]]
+        bound = bind_bucket(b, first.dtype, array_module(first), comm)
+        for i, y in zip(b.members, bound([xs[i] for i in b.members]), strict=True):
             xs[i] = y
     return xs
 
@@ -181,33 +246,35 @@ def sync(
 
 
 class Synchronizer:
-    """``sync`` with fixed collectives, its layout kept for as long as the tensors' shapes
-    and dtypes stay those it was made for (every step, in a training run).
+    """``sync`` with fixed collectives, its buckets laid out and bound (``bind_bucket``) on
+    the first call, for the shapes and dtypes of that call's tensors: the executor's are the
+    same every step (the plan fixes them), so a step pays the copies and the calls, not the
+    bookkeeping.
 
-    ``reuse``: all-reduce buckets are packed into buffers kept from call to call and reduced
-    in place, as DDP's gradient buckets are: no fresh (page-faulting) buffer per step, no
-    second one for the result. The results are views of those buffers, valid until the next
-    call, so only a once-per-step sync whose results the step consumes may reuse them."""
+    ``reuse``: every bucket packs into and receives into buffers kept from call to call, as
+    DDP's gradient buckets are: no fresh (page-faulting) buffers per step, and the results
+    are views of them worked out once. They are valid until the next call, so only a
+    once-per-step sync whose results the step consumes may reuse them."""
 
     def __init__(
         self, ops: Sequence[Sequence[CollectiveOp]], comm: Communicator, reuse: bool = False
     ):
         self.ops, self.comm, self.reuse = ops, comm, reuse
-        self._key: tuple = ()
-        self._buckets: list[Bucket] = []
-        self._buffers: list[np.ndarray | None] | None = None
+        self._bound: list[tuple[tuple[int, ...], Packed]] | None = None
+
+    def _bind(self, xs: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], Packed]]:
+        shapes, dtypes = [x.shape for x in xs], [x.dtype for x in xs]
+        xp = array_module(xs[0]) if xs else np
+        return [
+            (b.members, bind_bucket(b, dtypes[b.members[0]], xp, self.comm, self.reuse))
+            for b in layout(self.ops, shapes, dtypes)
+        ]
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        key = tuple((x.shape, x.dtype) for x in xs)
-        if key != self._key:
-            self._key = key
-            self._buckets = layout(self.ops, [x.shape for x in xs], [x.dtype for x in xs])
-            if self.reuse and xs:
-                xp = array_module(xs[0])
-                self._buffers = [
-                    xp.empty(b.spans[-1][1], xs[b.members[0]].dtype)
-                    if b.ops[0].kind == "all_reduce" and len(b.members) > 1
-                    else None
-                    for b in self._buckets
-                ]
-        return run(self._buckets, xs, self.comm, self._buffers)
+        if self._bound is None:
+            self._bound = self._bind(xs)
+        out = list(xs)
+        for members, bound in self._bound:
+            for i, y in zip(members, bound([out[i] for i in members]), strict=True):
+                out[i] = y
+        return out

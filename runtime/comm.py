@@ -60,10 +60,16 @@ class Communicator(ABC):
         """``inplace``: the result may overwrite ``x`` (a contiguous buffer the caller owns)."""
 
     @abstractmethod
-    def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray: ...
+    def all_gather(
+        self, x: np.ndarray, group: Group, dim: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``out``: where the ranks' blocks are received (shape ``(len(group), *x.shape)``)."""
 
     @abstractmethod
-    def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray: ...
+    def reduce_scatter(
+        self, x: np.ndarray, group: Group, dim: int, op: str, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``out``: where this rank's reduced block is received."""
 
     @abstractmethod
     def all_to_all(
@@ -228,20 +234,24 @@ class MpiCommunicator(Communicator):
         self._wait(request, "all_reduce", group, start)
         return mean_of(out, len(group)) if op == "mean" else out
 
-    def all_gather(self, x: np.ndarray, group: Group, dim: int) -> np.ndarray:
+    def all_gather(
+        self, x: np.ndarray, group: Group, dim: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         if len(group) == 1:
             return x
         x = contiguous(x)
-        out = np.empty((len(group), *x.shape), x.dtype)
+        out = np.empty((len(group), *x.shape), x.dtype) if out is None else out
         start = time.perf_counter()
         self._wait(self._comm(group).Iallgather(x, out), "all_gather", group, start)
         return concat_blocks(out, dim)
 
-    def reduce_scatter(self, x: np.ndarray, group: Group, dim: int, op: str) -> np.ndarray:
+    def reduce_scatter(
+        self, x: np.ndarray, group: Group, dim: int, op: str, out: np.ndarray | None = None
+    ) -> np.ndarray:
         if len(group) == 1:
             return x
         send = split_blocks(x, len(group), dim, "reduce_scatter")
-        out = np.empty(send.shape[1:], x.dtype)
+        out = np.empty(send.shape[1:], x.dtype) if out is None else out
         start = time.perf_counter()
         request = self._comm(group).Ireduce_scatter_block(send, out, self._ops[op])
         self._wait(request, "reduce_scatter", group, start)

@@ -263,11 +263,11 @@ class NcclCommunicator(Communicator):
         )
         return mean_of(out, len(group)) if op == "mean" else out
 
-    def all_gather(self, x, group: Group, dim: int):
+    def all_gather(self, x, group: Group, dim: int, out=None):
         if len(group) == 1:
             return x
         x = contiguous(self.cp.asarray(x))
-        out = self.cp.empty((len(group), *x.shape), x.dtype)
+        out = self.cp.empty((len(group), *x.shape), x.dtype) if out is None else out
         dtype = nccl_dtype(self.nccl, x.dtype)
         self._run(
             "all_gather",
@@ -276,11 +276,11 @@ class NcclCommunicator(Communicator):
         )
         return concat_blocks(out, dim)
 
-    def reduce_scatter(self, x, group: Group, dim: int, op: str):
+    def reduce_scatter(self, x, group: Group, dim: int, op: str, out=None):
         if len(group) == 1:
             return x
         send = split_blocks(self.cp.asarray(x), len(group), dim, "reduce_scatter")
-        out = self.cp.empty(send.shape[1:], send.dtype)
+        out = self.cp.empty(send.shape[1:], send.dtype) if out is None else out
         dtype, reduce = nccl_dtype(self.nccl, send.dtype), getattr(self.nccl, NCCL_OPS[op])
         self._run(
             "reduce_scatter",

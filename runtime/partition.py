@@ -504,15 +504,35 @@ class StageBuilder:
 
     def _convert(self, name: str, want: ShardingSpec, out: list[Instr]) -> str:
         """Key of ``name`` under ``want``, appending a Reshard to ``out`` when needed."""
+        return self._reshard(name, want, out, in_session=False)[0]
+
+    def _reshard(
+        self, name: str, want: ShardingSpec, out: list[Instr], in_session: bool
+    ) -> tuple[str, Segment | None]:
+        """Key of ``name`` under ``want``: a Reshard appended to ``out`` runs its collectives;
+        ``in_session``: its local steps (slices, zeros) come back as nodes for the session
+        that reads the key, instead of numpy calls between sessions."""
         have = self.spec[name]
         if same(have, want):
-            return name
+            return name, None
         key = f"{name}@{want}"
-        if key not in self._done:
-            self.local(name, want)
-            out.append(Reshard(name, key, reshard.program(have, want)))
-            self._done.add(key)
-        return key
+        if key in self._done:
+            return key, None
+        self._done.add(key)
+        shape = self.local(name, want)
+        steps = reshard.program(have, want)
+        collective, local = reshard.split(steps) if in_session else (steps, [])
+        if not local:
+            out.append(Reshard(name, key, steps))
+            return key, None
+        src = name
+        if collective:
+            src = f"{key}/collectives"
+            out.append(Reshard(name, src, collective))
+        nodes, consts = reshard.local_nodes(
+            local, src, key, shape, self.dtype(name).numpy(), self.mesh, self.device
+        )
+        return key, Segment(nodes, consts, produced=[key])
 
     def _receives(self, first_use) -> list[Recv]:
         out = []
@@ -621,9 +641,13 @@ class StageBuilder:
                     keys.append(vname)
                     continue
                 before = len(reshards)
-                key = self._convert(vname, parse(want), reshards)
+                key, part = self._reshard(vname, parse(want), reshards, in_session=True)
                 if len(reshards) > before and vname in seg.produced:
                     close()
+                if part is not None:
+                    seg.nodes += part.nodes
+                    seg.initializers.update(part.initializers)
+                    seg.produced += part.produced
                 keys.append(key)
             pre.extend(reshards)
             seg.initializers.update(consts)
@@ -930,7 +954,10 @@ class StageBuilder:
             graph, opset_imports=opsets, ir_version=min(self.model.ir_version or 10, 10)
         )
         try:
-            return self.make_session((half_precision(model) if half else model).SerializeToString())
+            if half:  # resharding moves values: it stays float32, as between sessions
+                keep = [n.name for n in seg.nodes if n.name.startswith(reshard.LOCAL_NODE)]
+                model = half_precision(model, keep)
+            return self.make_session(model.SerializeToString())
         except UserError:
             raise
         except Exception as exc:

@@ -48,12 +48,16 @@ FLOAT32_OPS = (
 )
 
 
-def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` computing in float16, its inputs and outputs still float32."""
+def half_precision(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.ModelProto:
+    """``model`` computing in float16, its inputs and outputs and the nodes named ``keep``
+    still float32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     half = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FLOAT32_OPS]
+        model,
+        keep_io_types=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FLOAT32_OPS],
+        node_block_list=list(keep),
     )
     return without_repeated_casts(half)
 

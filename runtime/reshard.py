@@ -14,10 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto, helper
 
 from planner.sharding import ShardingSpec
 from runtime.comm import Communicator, array_module, contiguous
 from runtime.mesh import RankMesh
+
+LOCAL = ("slice", "zero")  # steps without communication: always a program's suffix
+LOCAL_NODE = "reshard/"  # name prefix of the nodes ``local_nodes`` makes
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,63 @@ def compose(fns: list[Fn]) -> Fn:
         return x
 
     return chain
+
+
+def split(steps: list[Step]) -> tuple[list[Step], list[Step]]:
+    """(collective prefix, local suffix) of a program."""
+    k = len(steps)
+    while k and steps[k - 1].kind in LOCAL:
+        k -= 1
+    return steps[:k], steps[k:]
+
+
+def local_nodes(
+    steps: list[Step],
+    src: str,
+    dst: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    mesh: RankMesh,
+    device: int,
+) -> tuple[list[NodeProto], dict[str, np.ndarray]]:
+    """The local ``steps`` (slices, zeros) from ``src`` to ``dst`` as ONNX nodes and their
+    constants, for this rank: run inside the session that reads ``dst``, they cost no Python
+    dispatch, no numpy copy and no session boundary. ``shape``: ``dst``'s block shape."""
+    shape = list(shape)
+    for s in steps:
+        if s.kind == "slice":
+            assert s.dim is not None
+            shape[s.dim] *= mesh.shape[s.axis]
+    nodes: list[NodeProto] = []
+    consts: dict[str, np.ndarray] = {}
+    x = src
+    coords = mesh.coords(device)
+    for k, s in enumerate(steps):
+        name = f"{LOCAL_NODE}{dst}/{k}"
+        if s.kind == "slice":
+            assert s.dim is not None
+            size = shape[s.dim] // mesh.shape[s.axis]
+            shape[s.dim] = size
+            start = coords[s.axis] * size
+            for part, value in (("starts", start), ("ends", start + size), ("axes", s.dim)):
+                consts[f"{name}/{part}"] = np.array([value], np.int64)
+            inputs = [x, f"{name}/starts", f"{name}/ends", f"{name}/axes"]
+            nodes.append(helper.make_node("Slice", inputs, [f"{name}/out"], name=name))
+        elif coords[s.axis]:  # "zero": only the first rank of the axis keeps the addend
+            zero = helper.make_tensor("zero", helper.np_dtype_to_tensor_dtype(dtype), [1], [0])
+            shaped = f"{name}/shape"
+            nodes.append(helper.make_node("Shape", [x], [shaped], name=f"{name}/Shape"))
+            nodes.append(
+                helper.make_node("ConstantOfShape", [shaped], [f"{name}/out"], name, value=zero)
+            )
+        else:
+            continue
+        x = f"{name}/out"
+    if nodes:
+        nodes[-1].output[0] = dst
+    else:  # nothing to do on this rank
+        nodes.append(helper.make_node("Identity", [src], [dst], name=f"{LOCAL_NODE}{dst}"))
+    return nodes, consts
 
 
 def apply(

@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import click
@@ -135,6 +136,13 @@ class StageRunner:
         if program.loss is not None:
             chains.append(program.loss_sync)
         self.grad_sync = Synchronizer(chains, comm, reuse=True)
+        self.grad_keys = [g.key for g in program.grads]
+        # the state the update replaces, and (one C call) the update's results that replace it
+        self.assigned = [state for _, state in program.assigns]
+        keys = [key for key, _ in program.assigns]
+        self.assign_from = (
+            itemgetter(*keys) if len(keys) > 1 else lambda env: [env[k] for k in keys]
+        )
         self.scaler = LossScaler() if program.half else None
         self.skipped = False  # the last step's update, skipped for non-finite gradients
 
@@ -206,9 +214,11 @@ class StageRunner:
         inputs, outputs, t = tuple(seg.inputs), list(seg.outputs), self.timers
         session_run = _session_call(seg.session)
         clock = time.perf_counter
+        # the feeds' values in one C call (itemgetter of one key gives the value, not a tuple)
+        take = itemgetter(*inputs) if len(inputs) > 1 else lambda env: (env[inputs[0]],)
 
         def run(env: dict[str, np.ndarray], m: int) -> None:
-            feeds = {k: env[k] for k in inputs}
+            feeds = dict(zip(inputs, take(env), strict=True)) if inputs else {}
             start = clock()
             values = session_run(outputs, feeds)
             t.compute += clock() - start
@@ -258,9 +268,10 @@ class StageRunner:
 
     def step(self, batch: dict[str, np.ndarray], kind: str, stages: int):
         """One training step; returns (mean loss or None, final grads by key)."""
-        borrowed = dict(self.state)
-        self.run("prologue", borrowed, 0)
-        self.state.update(borrowed)
+        if self.programs["prologue"]:
+            borrowed = dict(self.state)
+            self.run("prologue", borrowed, 0)
+            self.state.update(borrowed)
         envs: dict[int, dict[str, np.ndarray]] = {}
         acc: dict[str, np.ndarray] = {}
         losses = []
@@ -299,15 +310,14 @@ class StageRunner:
         if p.loss is not None:
             tensors.append(sum(losses[1:], losses[0]) / losses[0].dtype.type(len(losses)))
         synced = self.grad_sync(tensors)
-        step_env.update(zip((g.key for g in grads), synced, strict=False))
+        step_env.update(zip(self.grad_keys, synced, strict=False))  # then the loss
         self.timers.collective += time.perf_counter() - start
         self.skipped = self.scaler is not None and not self.scaler.unscale(
             synced[: len(grads)], self.comm
         )
         if not self.skipped:
             self.run("update", step_env, 0)
-            for key, state in p.assigns:
-                self.state[state] = step_env[key]
+            self.state.update(zip(self.assigned, self.assign_from(step_env), strict=True))
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
