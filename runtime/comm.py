@@ -33,6 +33,19 @@ _SPIN = 64  # polls before each further one yields the core
 # Seconds between reporting a failure and aborting the job (see MpiCommunicator.fail).
 ABORT_GRACE_SECONDS = 0.5
 
+# MPICH settings the ranks start with unless the environment sets them. Its default
+# non-blocking reduce-scatter is pathological between a few hundred KiB and a MiB: 2 ranks on
+# one machine took 578 us for a 256 KiB block where the blocking call and the pairwise
+# algorithm take 77 us (``bench/RESULTS.md`` §4); every other collective the executor uses
+# matches its blocking twin. The executor only issues non-blocking calls (see ``_wait``), so
+# a gradient bucket's reduce-scatter was paying it every step. Read by MPI at init.
+MPICH_DEFAULTS = {"MPIR_CVAR_IREDUCE_SCATTER_BLOCK_INTRA_ALGORITHM": "sched_pairwise"}
+
+
+def mpi_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``MPICH_DEFAULTS`` where it sets nothing (for ``mpiexec``'s ranks)."""
+    return {**MPICH_DEFAULTS, **env}
+
 
 class Communicator(ABC):
     """Collectives over groups of global device ids, point-to-point sends, timing. Tensors
@@ -159,6 +172,8 @@ class MpiCommunicator(Communicator):
     """MPI backend: one sub-communicator per group, created up front with ``add_groups``."""
 
     def __init__(self, timeout: float | None = None):
+        for key, value in MPICH_DEFAULTS.items():  # a job we joined, if MPI is not up yet
+            os.environ.setdefault(key, value)
         from mpi4py import MPI
 
         self._mpi = MPI

@@ -111,6 +111,64 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     assert result.stdout.count("ok") == 4
 
 
+@pytest.mark.parametrize(
+    "src, dst",
+    [("R,R", "S0,R"), ("R,R", "R,S10"), ("S1,R", "S1,S0"), ("R,R", "S0,R|P1"), ("R,S0", "R,S0|P1")],
+)
+def test_local_reshard_steps_as_nodes_match_numpy(src, dst):
+    """The slices and zeros a session runs in place of a numpy reshard give every rank of a
+    2x2 mesh the same block as ``reshard.bind`` (no collective in these programs)."""
+    from planner.sharding import ShardingSpec
+    from runtime import reshard
+    from runtime.mesh import RankMesh, shard
+
+    mesh = RankMesh((2, 2), (0, 1, 2, 3))
+    a, b = ShardingSpec.parse(src), ShardingSpec.parse(dst)
+    steps = reshard.program(a, b)
+    assert steps and reshard.split(steps) == ([], steps)
+    full = np.arange(48, dtype=np.float32).reshape(4, 12)
+    for device in mesh.devices:
+        x = shard(full, a, mesh, device)
+        want = reshard.bind(steps, mesh, device, comm=None)(x)
+        nodes, consts = reshard.local_nodes(
+            steps, "x", "y", want.shape, np.dtype(np.float32), mesh, device
+        )
+        graph = helper.make_graph(
+            nodes,
+            "local",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        (got,) = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})
+        assert np.array_equal(got, want), (src, dst, device)
+
+
+def test_sessions_slice_their_inputs_themselves(plans):
+    """A reshard without communication (a slice, a partial sum's zeros) runs inside the
+    session that reads it: no numpy call and no session boundary for it in any phase."""
+    from runtime.partition import Reshard, Run
+    from runtime.reshard import LOCAL, LOCAL_NODE
+
+    plan = load_plan(str(plans("gpt2.ts", "auto-2")))
+    step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
+    program = build_stage(step.model, plan, 1, cpu_session)
+    instrs = [i for phase in ("forward", "backward", "update") for i in program.programs[phase]]
+    reshards = [i for i in instrs if isinstance(i, Reshard)]
+    assert reshards and not [r for r in reshards if r.steps[-1].kind in LOCAL]
+    nodes = [n for i in instrs if isinstance(i, Run) for n in i.segment.nodes]
+    assert [n for n in nodes if n.name.startswith(LOCAL_NODE) and n.op_type == "Slice"]
+
+
+def test_mpich_defaults_leave_the_users_settings_alone():
+    from runtime.comm import MPICH_DEFAULTS, mpi_environment
+
+    (key, value), *_ = MPICH_DEFAULTS.items()
+    assert mpi_environment({"PATH": "/bin"}) == {**MPICH_DEFAULTS, "PATH": "/bin"}
+    assert mpi_environment({key: "auto"})[key] == "auto"
+
+
 def test_more_cpu_ranks_than_cpus_get_a_note(monkeypatch):
     """The demo once ran 4 ranks on 2 CPUs at 4x its predicted step time without a word."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -176,6 +234,7 @@ METHODS = {
     + ["--pp", "1"],
     "pipeline": ["--cluster", "cpu:2x2", "--method", "megatron", "--dp", "1", "--tp", "2"]
     + ["--pp", "2", "--microbatches", "4"],
+    "auto-2": ["--cluster", "cpu:2"],  # the demo's: slices in every phase (auto chose ZeRO)
     "auto-2x2": ["--cluster", "cpu:2x2", "--microbatches", "4"],
     "auto-4": ["--cluster", "cpu:4"],
     "gpipe": ["--cluster", "cpu:2x2", "--method", "megatron", "--dp", "1", "--tp", "2"]
@@ -196,6 +255,7 @@ FAST = [
     ("wrn.dynamo_noopt", "zero3"),
     ("wrn.dynamo_noopt", "auto-4"),
     ("gpt2.ts", "fp16-pipeline"),
+    ("gpt2.ts", "auto-2"),
 ]
 SLOW = [
     (f, m)
