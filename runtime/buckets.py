@@ -72,7 +72,15 @@ class Bucket:
     results: tuple[tuple[int, ...], ...]  # and after
 
 
+def _leading(op: CollectiveOp, shape: tuple[int, ...]) -> int:
+    """The size of ``shape``'s dims before the one ``op`` splits or joins (1: none)."""
+    return math.prod(shape[: op.dim]) if op.dim else 1
+
+
 def _bucket(members: list[int], ops: list[CollectiveOp], shapes: list[tuple[int, ...]]):
+    # tensors split along their first dim first: a reduce-scatter packs those in one call
+    order = sorted(range(len(members)), key=lambda j: _leading(ops[j], shapes[j]) != 1)
+    members, ops, shapes = ([x[j] for j in order] for x in (members, ops, shapes))
     p = len(ops[0].group)
     # reduce_scatter packs piece r of every tensor into row r: spans are per row
     sizes = [math.prod(s) // (p if ops[0].kind == "reduce_scatter" else 1) for s in shapes]
@@ -129,19 +137,26 @@ def bind_bucket(
         return lambda xs: [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
     total = b.spans[-1][1]
     # each member's (leading size, chunk) so that x.reshape(pre, p, -1) splits it along its dim
-    pres = [math.prod(s[: o.dim]) if o.dim else 1 for o, s in zip(b.ops, b.shapes, strict=True)]
+    pres = [_leading(o, s) for o, s in zip(b.ops, b.shapes, strict=True)]
     if op.kind == "reduce_scatter":
         # rank r's row holds piece r (along its dim) of every tensor, flattened, in order:
-        # each tensor is copied once, straight into its columns
-        splits = [(pre, p, -1) for pre in pres]
+        # each tensor is copied once, straight into its columns; those split along their
+        # first dim (``_bucket`` puts them first) with one call
+        ones = pres.count(1)
+        width = b.spans[ones - 1][1] if ones else 0
+        splits = [(pre, p, -1) for pre in pres[ones:]]
 
-        def rows(send: np.ndarray) -> list[np.ndarray]:
-            return [
-                send[:, a:e].reshape(p, pre, -1) for (a, e), pre in zip(b.spans, pres, strict=True)
+        def rows(send: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+            return send[:, :width], [
+                send[:, a:e].reshape(p, pre, -1)
+                for (a, e), pre in zip(b.spans[ones:], pres[ones:], strict=True)
             ]
 
-        def scatter(send: np.ndarray, dsts: list[np.ndarray], xs: list[np.ndarray], out=None):
-            for x, split, dst in zip(xs, splits, dsts, strict=True):
+        def scatter(send: np.ndarray, dsts, xs: list[np.ndarray], out=None) -> np.ndarray:
+            first, rest = dsts
+            if ones:
+                xp.concatenate([x.reshape(p, -1) for x in xs[:ones]], axis=1, out=first)
+            for x, split, dst in zip(xs[ones:], splits, rest, strict=True):
                 xp.copyto(dst, x.reshape(split).transpose(1, 0, 2))
             return comm.reduce_scatter(send, op.group, 0, op.reduce, out=out)
 

@@ -307,7 +307,9 @@ class StageRunner:
             for g in grads:
                 acc[g.key] = mean_of(acc[g.key], self.m)
         tensors = [acc[g.key] for g in grads]
-        if p.loss is not None:
+        if len(losses) == 1:
+            tensors.append(losses[0])
+        elif losses:
             tensors.append(sum(losses[1:], losses[0]) / losses[0].dtype.type(len(losses)))
         synced = self.grad_sync(tensors)
         step_env.update(zip(self.grad_keys, synced, strict=False))  # then the loss
