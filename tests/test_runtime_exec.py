@@ -145,6 +145,37 @@ def test_local_reshard_steps_as_nodes_match_numpy(src, dst):
         assert np.array_equal(got, want), (src, dst, device)
 
 
+def test_float16_sessions_keep_their_reshard_nodes_float32():
+    """A slice compiled into a float16 session moves the float32 value the numpy reshard
+    moved: the converter leaves it (and only it) in float32."""
+    from runtime.precision import half_precision
+    from runtime.reshard import LOCAL_NODE
+
+    consts = {k: np.array([v], np.int64) for k, v in (("s", 0), ("e", 2), ("a", 0))}
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "s", "e", "a"], ["xs"], name=f"{LOCAL_NODE}xs"),
+            helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm"),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (4, 4))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 4))],
+        [weight, *(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    half = onnx.shape_inference.infer_shapes(half_precision(model, [f"{LOCAL_NODE}xs"]))
+    types = {v.name: v.type.tensor_type.elem_type for v in half.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in half.graph.input})
+    (sliced,) = [n for n in half.graph.node if n.op_type == "Slice"]
+    (mm,) = [n for n in half.graph.node if n.op_type == "MatMul"]
+    assert types[sliced.input[0]] == types[sliced.output[0]] == TensorProto.FLOAT
+    assert types[mm.input[0]] == TensorProto.FLOAT16  # the compute is still float16
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    (y,) = ort.InferenceSession(half.SerializeToString()).run(["y"], {"x": x})
+    assert np.allclose(y, x[:2] @ np.ones((4, 4), np.float32))
+
+
 def test_sessions_slice_their_inputs_themselves(plans):
     """A reshard without communication (a slice, a partial sum's zeros) runs inside the
     session that reads it: no numpy call and no session boundary for it in any phase."""
