@@ -34,11 +34,12 @@ _SPIN = 64  # polls before each further one yields the core
 ABORT_GRACE_SECONDS = 0.5
 
 # MPICH settings the ranks start with unless the environment sets them. Its default
-# non-blocking reduce-scatter is pathological between a few hundred KiB and a MiB: 2 ranks on
-# one machine (MPICH 4, mpi4py) took 578 us for a 256 KiB block where the blocking call and
-# the pairwise algorithm take 77 us; every other collective the executor uses matched its
-# blocking twin from 1 KiB to 4 MiB. The executor only issues non-blocking calls (see
-# ``_wait``), so a gradient bucket's reduce-scatter paid it every step. Read by MPI at init.
+# non-blocking reduce-scatter is pathological for blocks of a few hundred KiB: 2 ranks on one
+# machine (MPICH 4, mpi4py) took 578 us for a 256 KiB block where the blocking call and the
+# pairwise algorithm take 77 us; every other collective the executor uses matched its
+# blocking twin from 1 KiB to 1 MiB (``bench/mpich_collectives.py``). The executor only
+# issues non-blocking calls (see ``_wait``), so a gradient bucket's reduce-scatter paid it
+# every step. Read by MPI at init.
 MPICH_DEFAULTS = {"MPIR_CVAR_IREDUCE_SCATTER_BLOCK_INTRA_ALGORITHM": "sched_pairwise"}
 
 
