@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -378,7 +377,6 @@ def run_workers(
 ) -> dict:
     """Launch the profile worker on ``ranks`` MPI ranks (one per GPU when ``kind`` is gpu)
     and return rank 0's measurements."""
-    from runtime.comm import mpi_environment
     from runtime.launch import binding, mpiexec
 
     root = Path(__file__).resolve().parents[1]
@@ -402,10 +400,7 @@ def run_workers(
             kind,
             *extra,
         ]
-        proc = subprocess.run(
-            cmd, cwd=root, capture_output=True, text=True, timeout=600,
-            env=mpi_environment(dict(os.environ)),
-        )  # fmt: skip
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise UserError(f"profile ranks failed (exit {proc.returncode}): {tail[0]}")

@@ -163,7 +163,12 @@ def bind_bucket(
         if reuse:
             send, recv = xp.empty((p, total), dtype), xp.empty(total, dtype)
             dsts, results = rows(send), _unpacked(b, recv)
-            return lambda xs: (scatter(send, dsts, xs, recv), results)[1]
+
+            def scatter_into(xs: list[np.ndarray]) -> list[np.ndarray]:
+                scatter(send, dsts, xs, recv)
+                return results
+
+            return scatter_into
 
         def reduce_scattered(xs: list[np.ndarray]) -> list[np.ndarray]:
             send = xp.empty((p, total), dtype)
@@ -240,24 +245,11 @@ def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
     return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
 
 
-def run(
-    buckets: Sequence[Bucket], xs: Sequence[np.ndarray], comm: Communicator
-) -> list[np.ndarray]:
-    """Replay ``buckets`` (a ``layout`` of these tensors' shapes) on ``xs``."""
-    xs = list(xs)
-    for b in buckets:
-        first = xs[b.members[0]]
-        bound = bind_bucket(b, first.dtype, array_module(first), comm)
-        for i, y in zip(b.members, bound([xs[i] for i in b.members]), strict=True):
-            xs[i] = y
-    return xs
-
-
 def sync(
     xs: list[np.ndarray], ops: Sequence[Sequence[CollectiveOp]], comm: Communicator
 ) -> list[np.ndarray]:
     """Apply each tensor's collectives ``ops[i]`` (in order) to ``xs[i]``, bucketed."""
-    return run(layout(ops, [x.shape for x in xs], [x.dtype for x in xs]), xs, comm)
+    return Synchronizer(ops, comm)(xs)
 
 
 class Synchronizer:

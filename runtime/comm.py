@@ -19,7 +19,7 @@ import pickle
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -43,9 +43,11 @@ ABORT_GRACE_SECONDS = 0.5
 MPICH_DEFAULTS = {"MPIR_CVAR_IREDUCE_SCATTER_BLOCK_INTRA_ALGORITHM": "sched_pairwise"}
 
 
-def mpi_environment(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with ``MPICH_DEFAULTS`` where it sets nothing (for ``mpiexec``'s ranks)."""
-    return {**MPICH_DEFAULTS, **env}
+def apply_mpich_defaults(env: MutableMapping[str, str]) -> None:
+    """``MPICH_DEFAULTS`` into ``env`` where it sets nothing: the rank's own environment,
+    before MPI starts (launched by ``run``, by ``profile`` or joining a user's job alike)."""
+    for key, value in MPICH_DEFAULTS.items():
+        env.setdefault(key, value)
 
 
 class Communicator(ABC):
@@ -173,8 +175,7 @@ class MpiCommunicator(Communicator):
     """MPI backend: one sub-communicator per group, created up front with ``add_groups``."""
 
     def __init__(self, timeout: float | None = None):
-        for key, value in MPICH_DEFAULTS.items():  # a job we joined, if MPI is not up yet
-            os.environ.setdefault(key, value)
+        apply_mpich_defaults(os.environ)  # read by MPI_Init, which the import runs
         from mpi4py import MPI
 
         self._mpi = MPI

@@ -24,7 +24,6 @@ from typing import IO
 
 from planner.errors import UserError
 from planner.plan_io import load_plan
-from runtime.comm import mpi_environment
 
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 BIND = "ALPA_BIND"  # "none": leave rank placement to the OS scheduler
@@ -112,7 +111,7 @@ def run_mpiexec(cmd: list[str], pid_dir: str) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=mpi_environment({**os.environ, PID_DIR: pid_dir}),
+        env={**os.environ, PID_DIR: pid_dir},
     )
     dead: list[str] = []
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -103,6 +103,14 @@ def _session_call(session) -> Callable[[list[str], dict[str, np.ndarray]], list[
     return lambda outputs, feeds: inner.run(outputs, feeds, None)
 
 
+def _values(keys: Sequence[str]) -> Callable[[dict[str, np.ndarray]], tuple]:
+    """``env -> (env[k] for k in keys)`` as a tuple, in one C call for several keys
+    (``itemgetter`` of a single key returns the bare value, of none raises)."""
+    if len(keys) > 1:
+        return itemgetter(*keys)
+    return lambda env: tuple(env[k] for k in keys)
+
+
 class StageRunner:
     """Executes one rank's ``StageProgram``: microbatch tasks, accumulation, the update.
 
@@ -140,9 +148,7 @@ class StageRunner:
         # the state the update replaces, and (one C call) the update's results that replace it
         self.assigned = [state for _, state in program.assigns]
         keys = [key for key, _ in program.assigns]
-        self.assign_from = (
-            itemgetter(*keys) if len(keys) > 1 else lambda env: [env[k] for k in keys]
-        )
+        self.assign_from = _values(keys)
         self.scaler = LossScaler() if program.half else None
         self.skipped = False  # the last step's update, skipped for non-finite gradients
 
@@ -214,11 +220,10 @@ class StageRunner:
         inputs, outputs, t = tuple(seg.inputs), list(seg.outputs), self.timers
         session_run = _session_call(seg.session)
         clock = time.perf_counter
-        # the feeds' values in one C call (itemgetter of one key gives the value, not a tuple)
-        take = itemgetter(*inputs) if len(inputs) > 1 else lambda env: (env[inputs[0]],)
+        take = _values(inputs)
 
         def run(env: dict[str, np.ndarray], m: int) -> None:
-            feeds = dict(zip(inputs, take(env), strict=True)) if inputs else {}
+            feeds = dict(zip(inputs, take(env), strict=True))
             start = clock()
             values = session_run(outputs, feeds)
             t.compute += clock() - start

@@ -193,11 +193,15 @@ def test_sessions_slice_their_inputs_themselves(plans):
 
 
 def test_mpich_defaults_leave_the_users_settings_alone():
-    from runtime.comm import MPICH_DEFAULTS, mpi_environment
+    from runtime.comm import MPICH_DEFAULTS, apply_mpich_defaults
 
     key = next(iter(MPICH_DEFAULTS))
-    assert mpi_environment({"PATH": "/bin"}) == {**MPICH_DEFAULTS, "PATH": "/bin"}
-    assert mpi_environment({key: "auto"})[key] == "auto"
+    env = {"PATH": "/bin"}
+    apply_mpich_defaults(env)
+    assert env == {**MPICH_DEFAULTS, "PATH": "/bin"}
+    users = {key: "auto"}
+    apply_mpich_defaults(users)
+    assert users[key] == "auto"
 
 
 def test_more_cpu_ranks_than_cpus_get_a_note(monkeypatch):
