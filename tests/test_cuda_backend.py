@@ -361,3 +361,153 @@ def test_profile_measures_this_hosts_gpus(tmp_path):
         "--loss", "cross_entropy", "--labels", "auto", "-o", str(plan),
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
+
+
+class _Replicas:
+    """Rank ``me`` of ``p`` ranks that all hold the same tensors: every collective's result
+    is known without peers, in the array module of its input (numpy or cupy)."""
+
+    def __init__(self, p: int, me: int):
+        self.p, self.me = p, me
+
+    def all_reduce(self, x, group, op, inplace=False):
+        y = x * len(group) if op == "sum" else x.copy()
+        if inplace:
+            x[...] = y
+            return x
+        return y
+
+    def all_gather(self, x, group, dim, out=None):
+        blocks = array_module(x).stack([x] * len(group))
+        if out is not None:
+            out[...] = blocks.reshape(out.shape)
+            blocks = out.reshape(blocks.shape)
+        return concat_blocks(blocks, dim)
+
+    def reduce_scatter(self, x, group, dim, op, out=None):
+        piece = split_blocks(x, len(group), dim, "test")[self.me]
+        piece = piece * len(group) if op == "sum" else piece.copy()
+        if out is None:
+            return piece
+        out[...] = piece.reshape(out.shape)
+        return out
+
+    def broadcast(self, x, group, root):
+        return x
+
+
+@gpu
+def test_gradient_buckets_on_cupy_match_numpy():
+    """The bucketed sync's packing, views and kept buffers (``reuse``) give on GPU arrays
+    what they give on numpy ones: one GPU cannot run NCCL between two ranks, so replicas
+    stand in for the peers."""
+    import cupy
+
+    from runtime.buckets import Synchronizer, run_collective
+
+    g = (0, 1)
+    comm = _Replicas(2, 0)
+    rng = np.random.default_rng(0)
+    shapes = [((4, 6), "f4"), ((2, 8), "f4"), ((6,), "f8"), ((4, 2), "f4"), ((2, 4), "f4")]
+    xs = [rng.standard_normal(s).astype(t) for s, t in shapes]
+    ops = [
+        [CollectiveOp("all_reduce", g, "mean", None), CollectiveOp("all_gather", g, "sum", 1)],
+        [CollectiveOp("reduce_scatter", g, "sum", 1)],
+        [CollectiveOp("all_reduce", g, "sum", None)],
+        [CollectiveOp("reduce_scatter", g, "sum", 0), CollectiveOp("broadcast", g, "sum", None)],
+        [CollectiveOp("all_gather", g, "sum", 0)],
+    ]
+    want = []
+    for x, chain in zip(xs, ops, strict=True):
+        for op in chain:
+            x = run_collective(op, x, comm)
+        want.append(x)
+    for reuse in (False, True):
+        synchronize = Synchronizer(ops, comm, reuse)
+        for _ in range(2):  # the second call replays the bound buckets and kept buffers
+            got = synchronize([cupy.asarray(x) for x in xs])
+            for y, w in zip(got, want, strict=True):
+                assert isinstance(y, cupy.ndarray) and y.shape == w.shape and y.dtype == w.dtype
+                np.testing.assert_allclose(cupy.asnumpy(y), w, rtol=1e-6)
+
+
+_RECORD = """
+import pickle
+import sys
+
+import numpy as np
+
+from runtime import worker
+from runtime.backend import Backend
+from runtime.partition import cpu_session
+
+calls = []
+
+
+def recording(model):
+    session = cpu_session(model)
+
+    class First:  # keeps each session's first call: its model, feeds and outputs
+        def run(self, outputs, feeds):
+            got = session.run(outputs, feeds)
+            if not self.seen:
+                self.seen = True
+                copy = {k: np.array(v) for k, v in feeds.items()}
+                calls.append((model, list(outputs), copy, [np.array(y) for y in got]))
+            return got
+
+    first = First()
+    first.seen = False
+    return first
+
+
+worker.open_backend = lambda requested, plan, mpi: Backend("cpu", mpi, recording)
+code = worker.main(sys.argv[2:])
+pickle.dump(calls, open(f"{sys.argv[1]}.{worker.MpiCommunicator().rank}", "wb"))
+sys.exit(code)
+"""
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sessions_of_a_two_rank_plan_match_on_the_gpu(tmp_path, dtype):
+    """Every onnxruntime session of both ranks of GPT-2's auto plan on two devices (its
+    local reshard nodes included) gives on the CUDA provider what it gave on CPU ranks, fed
+    what a real step fed it: one GPU cannot run NCCL between two ranks, so this is how the
+    sharded sessions meet the GPU."""
+    from runtime.launch import mpiexec
+
+    plan = tmp_path / "plan.json"
+    compiled = _alpa(
+        "compile", str(GPT2), "--dim", "batch=8", "--dim", "seq=16", "--cluster", "cpu:2",
+        "--loss", "cross_entropy", "--labels", "labels", "--time-limit", "5",
+        "--dtype", dtype, "-o", str(plan),
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr
+    record = tmp_path / "calls"
+    recorded = subprocess.run(
+        [mpiexec(), "-n", "2", sys.executable, "-c", _RECORD, str(record), str(plan)]
+        + ["--model", str(GPT2), "--steps", "2", "--backend", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    import pickle
+
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    checked = 0
+    for rank in (0, 1):
+        calls = pickle.loads(Path(f"{record}.{rank}").read_bytes())
+        assert len(calls) > 3
+        for model, outputs, feeds, want in calls:
+            got = cuda.CudaSession(model, 0).run(outputs, feeds)
+            for name, y, w in zip(outputs, got, want, strict=True):
+                y = y.get()
+                assert y.shape == w.shape and y.dtype == w.dtype, name
+                scale = max(1.0, float(np.abs(w).max(initial=0)))
+                err = float(np.abs(y.astype(np.float64) - w).max(initial=0)) / scale
+                assert err <= tol, (rank, name, err)
+                checked += 1
+    assert checked > 10
