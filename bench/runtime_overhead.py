@@ -10,7 +10,8 @@ report; the median run of the repeats is shown. Also shown: communication calls 
 and seconds per call, so comm time that is polling latency rather than transfer shows up.
 Target: overhead / wall <= 10%. By default at two sizes of the fixtures: batch 8 x seq 16
 (steps of a few ms, where the executor's fixed cost per instruction weighs most) and batch 16
-x seq 64. ``--out FILE`` writes the markdown tables there as well.
+x seq 64. ``--out FILE`` writes the markdown tables there as well. Then
+``bench/executor_costs.py`` (2 ranks) shows where the remaining overhead goes.
 """
 
 from __future__ import annotations
@@ -94,6 +95,28 @@ def table(dims: list[str], steps: int, repeats: int, folder: Path) -> list[str]:
     return [*lines, "", f"Worst overhead {worst:.1%} ({verdict} the {TARGET:.0%} target).", ""]
 
 
+def costs() -> list[str]:
+    """``bench/executor_costs.py``'s table (2 ranks), or why it is missing."""
+    from runtime.launch import binding, mpiexec
+
+    script = ROOT / "bench" / "executor_costs.py"
+    proc = subprocess.run(
+        [mpiexec(), *binding(2), "-n", "2", sys.executable, str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return [f"`executor_costs.py` failed: {proc.stderr.strip()[-500:]}", ""]
+    return [
+        "Where the remaining overhead goes (`mpiexec -n 2 python bench/executor_costs.py`, "
+        "median us over 2000 calls):",
+        "",
+        proc.stdout.strip(),
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # enough steps that the first few (onnxruntime's arenas and the caches settling, 30-50%
@@ -115,6 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="alpa-overhead-") as tmp:
         for dims in [args.dim] if args.dim else SIZES:
             lines += table(dims, args.steps, args.repeats, Path(tmp))
+    lines += costs()
     lines += [
         f"{args.steps} steps per run, first step excluded, median of {args.repeats} runs; the "
         "stage with the most overhead shown (its slowest rank). The executor's overhead is a "
