@@ -28,8 +28,9 @@ from cost_models.compute import op_time, peak_flops
 from planner import __version__
 from planner.errors import UserError
 from planner.flops import node_bytes, node_flops
-from planner.graph import UPDATES_KEY, Role, nbytes, role_of, shape_of, values_of
+from planner.graph import UPDATES_KEY, Role, itemsize, nbytes, role_of, shape_of, values_of
 from planner.importer import ImportOptions, import_model, load_model, structure_hash
+from planner.intra_op import IntraOpSolution
 from planner.layers import Layer, assign_layers, phase_of
 from planner.mesh import LogicalMesh, make_mesh
 from planner.plan_schema import (
@@ -52,8 +53,10 @@ from planner.plan_schema import (
     Transfer,
 )
 from planner.precision import retype_activations
+from planner.sharding import ShardingSpec, resharding_cost
 from planner.stage_costs import RangeCosts, StageCostModel, crossing_bytes, range_costs
 from planner.stage_dp import StageChoice, stage_dp
+from planner.strategies import Strategy
 from planner.training import TrainingOptions, build_training_step
 
 METHODS = ("auto", "shard", "data", "zero2", "zero3", "megatron")
@@ -669,6 +672,32 @@ def _collectives(strategy) -> list[Collective]:
     return out
 
 
+def _input_resharding(
+    node: ir.Node,
+    strategy: Strategy,
+    produced: dict[str, ShardingSpec],
+    sol: IntraOpSolution,
+    rep_inputs: list,
+    mesh: LogicalMesh,
+) -> float:
+    """Seconds of the conversions the executor runs into ``node``'s inputs: from the spec a
+    value is made in (by its producer in this stage, or stored, for parameters and optimizer
+    state) to the one ``strategy`` reads it as. Edges inside a layer and between layers alike
+    (the layer ILPs price the first, the stage costs the second); values from another stage
+    arrive in the reader's spec (their transfer is priced apart)."""
+    seconds = 0.0
+    for slot, value in enumerate(node.inputs):
+        dst = strategy.inputs[slot] if slot < len(strategy.inputs) else None
+        if value is None or dst is None:
+            continue
+        src = produced.get(value.name)
+        if src is None and role_of(value) in (Role.PARAM, Role.OPT_STATE):
+            src = sol.specs[rep_inputs[slot].name]
+        if src is not None and src != dst:
+            seconds += resharding_cost(src, dst, shape_of(value), itemsize(value.dtype), mesh)[0]
+    return seconds
+
+
 def _spec_text(spec) -> str | None:
     return None if spec is None else str(spec)
 
@@ -692,6 +721,7 @@ def build_plan(
     seen_solutions: set[int] = set()
     for s, pick in enumerate(cand.stages):
         nodes: dict[str, NodePlan] = {}
+        produced: dict[str, ShardingSpec] = {}  # this stage's values, as their producers make them
         params: dict[str, str] = {}
         inputs: dict[str, str] = {}
         outputs: dict[str, str] = {}
@@ -716,6 +746,7 @@ def build_plan(
                 )
             rep = layer_sol.node_map[node.name]
             strategy = sol.strategies[rep]
+            rep_inputs = costs.nodes[rep].inputs
             nodes[node.name] = NodePlan(
                 op=node.op_type,
                 strategy=strategy.name,
@@ -726,9 +757,10 @@ def build_plan(
                 replicated_fallback=strategy.replicated_fallback,
                 compute=strategy.compute,
                 communication=strategy.comm,
+                resharding=_input_resharding(node, strategy, produced, sol, rep_inputs, pick.mesh),
                 alternatives=_alternatives(strategy, sol.alternatives[rep]),
             )
-            rep_inputs = costs.nodes[rep].inputs
+            produced.update(zip((o.name for o in node.outputs), strategy.outputs, strict=True))
             for slot, value in enumerate(node.inputs):
                 if value is None:
                     continue

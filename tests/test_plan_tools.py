@@ -465,3 +465,34 @@ def test_annotate_onnx_keeps_external_weights_lazy(tmp_path):
     location = {e.key: e.value for e in ext[0].external_data}["location"]
     assert (out.parent / location).resolve() == (FIXTURES / "gpt3-2.6b.graph.onnx.data").resolve()
     assert proto.ir_version >= 11 and len(proto.configuration) == 1
+
+
+def test_node_resharding_prices_what_the_executor_converts():
+    """A node's ``resharding`` is non-zero exactly where the executor runs a collective to
+    convert one of its inputs: from the spec its producer in the stage makes (or a
+    parameter's stored spec) to the one the node reads. Read back from a golden plan, the
+    training graph and the executor's own resharding programs."""
+    from planner.sharding import ShardingSpec
+    from runtime.reshard import LOCAL, program
+    from runtime.step import prepare_step
+
+    root = Path(__file__).resolve().parents[1]
+    plan = load_plan(root / "plans" / "gpt2-cpu4-auto.json")
+    graph = prepare_step(plan, str(FIXTURES / plan.model.file)).model.graph
+    priced = 0
+    for stage in plan.stages:
+        made = dict(stage.params)
+        for node in graph:
+            np_ = stage.nodes.get(node.name)
+            if np_ is None:
+                continue
+            needs = False
+            for value, read in zip(node.inputs, np_.inputs, strict=False):
+                if value is None or read is None or value.name not in made:
+                    continue
+                steps = program(ShardingSpec.parse(made[value.name]), ShardingSpec.parse(read))
+                needs |= any(s.kind not in LOCAL for s in steps)
+            assert (np_.resharding > 0) == needs, node.name
+            priced += needs
+            made.update({o.name: s for o, s in zip(node.outputs, np_.outputs, strict=True)})
+    assert priced
