@@ -241,9 +241,11 @@ def _unknown(kind: str, name: str, names: Iterable[str]) -> UserError:
 def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
     """The chosen strategy with its cost split and the ``top`` cheapest alternatives.
 
-    Node cost = compute + communication + resharding of its inputs. The ILP minimises the
-    whole stage, so an alternative cheaper on its own loses when it forces resharding on
-    neighbours or breaks the memory budget; ``verdict`` says which case this is.
+    Node cost = compute + communication + resharding of its inputs. Alternatives are
+    compared on their own cost (compute + communication) with the chosen strategy's own: the
+    resharding an alternative would need depends on what its neighbours chose. The ILP
+    minimises the whole stage, so an alternative cheaper on its own loses when it forces
+    resharding on neighbours or breaks the memory budget; ``verdict`` says which case this is.
     """
     for stage in plan.stages:
         if name in stage.nodes:
@@ -251,9 +253,10 @@ def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
     else:
         raise _unknown("node", name, (n for s in plan.stages for n in s.nodes))
     node = stage.nodes[name]
-    total = node.compute + node.communication + node.resharding
+    own = node.compute + node.communication
+    total = own + node.resharding
     alts = sorted(node.alternatives, key=lambda a: (a.cost, a.strategy))
-    cheaper = [a for a in alts if a.cost < total]
+    cheaper = [a for a in alts if a.cost < own]
     if not alts:
         verdict = "only strategy considered"
     elif cheaper:
@@ -262,7 +265,7 @@ def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
             "this one (less resharding with neighbours, or the memory budget)"
         )
     else:
-        verdict = f"cheapest: next best costs {fmt_seconds(alts[0].cost - total)} more"
+        verdict = f"cheapest: next best costs {fmt_seconds(alts[0].cost - own)} more"
     return {
         "kind": "node",
         "name": name,
@@ -282,7 +285,7 @@ def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
             "total": total,
         },
         "alternatives": [
-            {"strategy": a.strategy, "cost": a.cost, "delta": a.cost - total} for a in alts[:top]
+            {"strategy": a.strategy, "cost": a.cost, "delta": a.cost - own} for a in alts[:top]
         ],
         "num_alternatives": len(alts),
         "verdict": verdict,
@@ -371,7 +374,7 @@ def print_explain(data: dict) -> None:
         table = Table(
             "alternative",
             "cost",
-            "vs chosen",
+            "vs chosen (own cost)",
             title=f"next best ({len(data['alternatives'])} of {data['num_alternatives']})",
         )
         for a in data["alternatives"]:

@@ -207,6 +207,18 @@ def test_explain_node_chosen_and_alternatives():
     assert data["alternatives"][0]["delta"] < 0 and "cost less" in data["verdict"]
 
 
+def test_explain_compares_alternatives_on_their_own_cost():
+    """The chosen strategy's input resharding counts in its total, not against alternatives:
+    what resharding an alternative would need depends on its neighbours."""
+    plan = make_plan(**CPU_PLAN)
+    node = plan.stages[1].nodes["/h.5/mlp/MatMul"]
+    node.resharding, node.alternatives = 3e-4, [Alternative(strategy="S0xR", cost=7e-4)]
+    data = explain_node(plan, "/h.5/mlp/MatMul")
+    assert data["cost"]["total"] == pytest.approx(5e-4 + 2e-4 + 3e-4)
+    assert data["alternatives"][0]["delta"] == pytest.approx(0.0)
+    assert data["verdict"].startswith("cheapest")
+
+
 def test_explain_param_and_cli(plan_files):
     data = explain_param(make_plan(**GPU_PLAN), "h.2.attn.weight")
     (p,) = data["placements"]
