@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -256,7 +257,9 @@ def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
     own = node.compute + node.communication
     total = own + node.resharding
     alts = sorted(node.alternatives, key=lambda a: (a.cost, a.strategy))
-    cheaper = [a for a in alts if a.cost < own]
+    # plans keep 4 significant digits: costs that close are a tie
+    tied = [a for a in alts if math.isclose(a.cost, own, rel_tol=1e-3)]
+    cheaper = [a for a in alts if a.cost < own and a not in tied]
     if not alts:
         verdict = "only strategy considered"
     elif cheaper:
@@ -264,6 +267,8 @@ def explain_node(plan: Plan, name: str, top: int = 5) -> dict:
             f"{len(cheaper)} alternative(s) cost less on their own; the stage optimum prefers "
             "this one (less resharding with neighbours, or the memory budget)"
         )
+    elif tied:
+        verdict = f"tied: {len(tied)} alternative(s) cost the same on their own"
     else:
         verdict = f"cheapest: next best costs {fmt_seconds(alts[0].cost - own)} more"
     return {

@@ -212,11 +212,13 @@ def test_explain_compares_alternatives_on_their_own_cost():
     what resharding an alternative would need depends on its neighbours."""
     plan = make_plan(**CPU_PLAN)
     node = plan.stages[1].nodes["/h.5/mlp/MatMul"]
-    node.resharding, node.alternatives = 3e-4, [Alternative(strategy="S0xR", cost=7e-4)]
+    node.resharding, node.alternatives = 3e-4, [Alternative(strategy="S0xR", cost=6e-4)]
     data = explain_node(plan, "/h.5/mlp/MatMul")
     assert data["cost"]["total"] == pytest.approx(5e-4 + 2e-4 + 3e-4)
-    assert data["alternatives"][0]["delta"] == pytest.approx(0.0)
-    assert data["verdict"].startswith("cheapest")
+    assert data["alternatives"][0]["delta"] == pytest.approx(-1e-4)
+    assert "1 alternative(s) cost less" in data["verdict"]
+    node.alternatives = [Alternative(strategy="S0xR", cost=node.compute + node.communication)]
+    assert explain_node(plan, "/h.5/mlp/MatMul")["verdict"].startswith("tied: 1 alternative")
 
 
 def test_explain_param_and_cli(plan_files):
