@@ -93,6 +93,33 @@ def synced_as_gradient(value: ir.Value) -> bool:
     )
 
 
+def weight_only(value: ir.Value, memo: dict[int, bool]) -> bool:
+    """Computed from parameters, optimizer state and constants alone: no batch data reaches
+    it, so none of its dims is a batch (a tied weight's transpose, say). ``memo`` caches by
+    value id across calls on one graph."""
+    stack = [value]
+    while stack:
+        v = stack[-1]
+        if id(v) in memo:
+            stack.pop()
+            continue
+        producer = v.producer()
+        if producer is None:
+            role = role_of(v)
+            memo[id(v)] = role in (Role.PARAM, Role.OPT_STATE, Role.CONST) or (
+                v.const_value is not None and role is not Role.INPUT
+            )
+            stack.pop()
+            continue
+        pending = [i for i in producer.inputs if i is not None and id(i) not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[id(v)] = all(memo[id(i)] for i in producer.inputs if i is not None)
+        stack.pop()
+    return memo[id(value)]
+
+
 def set_role(value: ir.Value, role: Role) -> None:
     value.metadata_props[ROLE_KEY] = role.value
 

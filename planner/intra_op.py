@@ -38,7 +38,7 @@ before HiGHS (parallel edge families combined, single-neighbour groups folded).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +54,7 @@ from planner.graph import (
     role_of,
     shape_of,
     synced_as_gradient,
+    weight_only,
 )
 from planner.ilp import Column, Ilp, IlpStats
 from planner.mesh import LogicalMesh
@@ -212,6 +213,7 @@ class _Builder:
         self.vertices: list[_Vertex] = []
         self.producer: dict[int, tuple[int, int]] = {}  # id(value) -> (vertex, output)
         self.source_of: dict[str, int] = {}
+        self.weights: dict[int, bool] = {}  # weight_only's memo
         inside = {id(n) for n in nodes}
         self.leaving = (
             {
@@ -347,9 +349,19 @@ class _Builder:
         self.notes.append(f"{self.options.method}: no forced strategy for {name}; left free")
         return found
 
+    def _crossing(self, value: ir.Value) -> Callable[[ShardingSpec], bool]:
+        """Which specs ``value`` may have where it enters or leaves the layer being solved:
+        replicated or split along dim 0 (the batch), so that a neighbour's ILP never meets a
+        layout its own never paid for. Where parameters are replicated (data, zero2), a value
+        made from weights alone has no batch dim and crosses replicated, like the weights."""
+        if self.method in ("data", "zero2") and weight_only(value, self.weights):
+            return ShardingSpec.is_replicated
+        return _batch_only
+
     def _filter_source(self, value: ir.Value, role: Role, specs: list[ShardingSpec]):
         if self.options.boundary and role is Role.ACTIVATION:
-            specs = self._keep(value.name or "?", specs, [s for s in specs if _batch_only(s)])
+            crossing = self._crossing(value)
+            specs = self._keep(value.name or "?", specs, [s for s in specs if crossing(s)])
         method = self.method
         if method == "shard":
             return specs
@@ -389,10 +401,11 @@ class _Builder:
             if id(o) in self.leaving and role_of(o) is Role.ACTIVATION
         ]
         if leaving:
+            crossing = [(j, self._crossing(node.outputs[j])) for j in leaving]
             found = self._keep(
                 node.name or node.op_type,
                 found,
-                [s for s in found if all(_batch_only(s.outputs[j]) for j in leaving)],
+                [s for s in found if all(ok(s.outputs[j]) for j, ok in crossing)],
             )
         if self.method == "data" and node.metadata_props.get(PHASE_KEY) == "update":
             # DDP: every rank runs the whole update on its replica (slicing it would be ZeRO)

@@ -95,9 +95,15 @@ def test_data_parallel_keeps_parameters_replicated(tmp_path):
         ).returncode
         == 0
     )
-    specs = load_plan(out).stages[0].params
+    plan = load_plan(out)
+    specs = plan.stages[0].params
     weights = [k for k in specs if k.endswith(".weight")]
     assert weights and all(set(specs[k].split(",")) == {"R"} for k in weights)
+    # The tied weight's transpose is made from weights alone: it leaves the embedding's layer
+    # replicated, like the weights, so the lm_head reads it without an all-gather.
+    nodes = plan.stages[0].nodes
+    (tie,) = [n for name, n in nodes.items() if name.startswith("alpa_tie/")]
+    assert tie.outputs == ["R,R"] and nodes["/model/lm_head/MatMul"].resharding == 0
 
 
 @pytest.mark.parametrize(
