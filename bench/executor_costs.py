@@ -19,6 +19,7 @@ overhead per instruction is several times what a hot microbenchmark of it shows.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -33,7 +34,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.buckets import _bucket, _leading, bind_bucket  # noqa: E402
+from runtime.buckets import bind_bucket, layout  # noqa: E402
 from runtime.comm import MpiCommunicator  # noqa: E402
 from runtime.partition import CollectiveOp, session_options  # noqa: E402
 
@@ -100,7 +101,7 @@ def pack_numpy_vs_onnx(comm: MpiCommunicator, xs, ops) -> tuple[float, float]:
     scatter = [CollectiveOp("reduce_scatter", group, "sum", op.dim) for op in ops]
     full = [(*x.shape[:-1], x.shape[-1] * P) for x in xs]
     grads = [np.ones(s, np.float32) for s in full]
-    bucket = _bucket(list(range(len(grads))), scatter, full)
+    (bucket,) = layout([[op] for op in scatter], full, [np.dtype(np.float32)] * len(full))
 
     class PackOnly:  # the call itself is left out: only the packing is timed
         def reduce_scatter(self, x, group, dim, op, out=None):
@@ -109,7 +110,7 @@ def pack_numpy_vs_onnx(comm: MpiCommunicator, xs, ops) -> tuple[float, float]:
     packed = bind_bucket(bucket, np.dtype(np.float32), np, PackOnly(), reuse=True)
     nodes, inits, rows = [], [], []
     for j, (op, shape) in enumerate(zip(bucket.ops, bucket.shapes, strict=True)):
-        pre = _leading(op, shape)
+        pre = math.prod(shape[: op.dim])
         src = f"x{j}"
         if pre != 1:
             inits.append(helper.make_tensor(f"s{j}", TensorProto.INT64, [3], [pre, P, -1]))
@@ -146,7 +147,8 @@ def pack_numpy_vs_onnx(comm: MpiCommunicator, xs, ops) -> tuple[float, float]:
 def all_gather_bucket_vs_alltoallw(comm: MpiCommunicator, xs, ops) -> tuple[float, float]:
     from mpi4py import MPI
 
-    bucket = _bucket(list(range(len(xs))), ops, [x.shape for x in xs])
+    shapes = [x.shape for x in xs]
+    (bucket,) = layout([[op] for op in ops], shapes, [np.dtype(np.float32)] * len(xs))
     members = [xs[i] for i in bucket.members]
     bucketed = bind_bucket(bucket, np.dtype(np.float32), np, comm)
     sizes = [e - a for a, e in bucket.spans]
@@ -155,7 +157,7 @@ def all_gather_bucket_vs_alltoallw(comm: MpiCommunicator, xs, ops) -> tuple[floa
     for r in range(P):  # where rank r's piece of every tensor goes
         parts = []
         for op, shape, n, start in zip(bucket.ops, bucket.shapes, sizes, starts[:-1], strict=True):
-            pre = _leading(op, shape)
+            pre = math.prod(shape[: op.dim])
             cols = n // pre
             vector = MPI.FLOAT.Create_vector(pre, cols, P * cols)
             parts.append((vector, (start + r * cols) * 4))
@@ -167,7 +169,7 @@ def all_gather_bucket_vs_alltoallw(comm: MpiCommunicator, xs, ops) -> tuple[floa
         for t, _ in parts:
             t.Free()
     total = bucket.spans[-1][1]
-    sub = comm._comm(tuple(range(P)))
+    sub = comm.world  # the 2 ranks are the whole job
 
     def alltoallw() -> list[np.ndarray]:
         flat = np.concatenate([x.reshape(-1) for x in members])
