@@ -33,10 +33,10 @@ from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
 from runtime.buckets import BUCKETED, Synchronizer, bind
-from runtime.comm import Communicator, MpiCommunicator, contiguous, mean_of, mesh_groups
+from runtime.comm import Communicator, MpiCommunicator, mean_of, mesh_groups
 from runtime.data import load_batch, microbatch, synthetic_batch
 from runtime.launch import PID_DIR
-from runtime.mesh import RankMesh, block_index, shard
+from runtime.mesh import RankMesh, shard
 from runtime.partition import (
     Collect,
     CollectiveOp,
@@ -152,22 +152,6 @@ class StageRunner:
         self.assign_from = _values(keys)
         self.scaler = LossScaler() if program.half else None
         self.skipped = False  # the last step's update, skipped for non-finite gradients
-        self._tasks: dict[tuple[str, int], list[tuple[str, int]]] = {}
-        self._data: list[tuple[str, tuple[slice, ...], bool]] | None = None
-
-    def _feed(self, mb: dict[str, np.ndarray], env: dict[str, np.ndarray]) -> None:
-        """This rank's block of every data input of micro-batch ``mb`` into ``env``; where
-        each block lies is worked out on the first call (micro-batches share their shapes)."""
-        p = self.p
-        if self._data is None:
-            self._data = [
-                (name, *block_index(spec, mb[name].shape, p.mesh, p.device))
-                for name, spec in p.data_specs.items()
-            ]
-        to_device = self.comm.to_device
-        for name, index, zero in self._data:
-            block = contiguous(mb[name][index])
-            env[name] = to_device(np.zeros_like(block) if zero else block)
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
@@ -303,13 +287,12 @@ class StageRunner:
             seed = self.comm.to_device(
                 np.asarray(p.loss_seed * self.scaler.scale, p.loss_seed.dtype)
             )
-        tasks = self._tasks.get((kind, stages))
-        if tasks is None:
-            tasks = self._tasks[kind, stages] = schedule(kind, p.stage, stages, self.m)
-        for task, m in tasks:
+        for task, m in schedule(kind, p.stage, stages, self.m):
             if task == "F":
+                mb = microbatch(batch, m, self.m)
                 env = envs[m] = dict(self.state)
-                self._feed(microbatch(batch, m, self.m) if self.m > 1 else batch, env)
+                for name, spec in p.data_specs.items():
+                    env[name] = self.comm.to_device(shard(mb[name], spec, p.mesh, p.device))
                 if seed is not None:
                     env[LOSS_SEED] = seed
                 self.run("forward", env, m)
