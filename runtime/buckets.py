@@ -178,49 +178,39 @@ def bind_bucket(
     if op.kind == "all_gather":
         # every tensor is copied once, from the ranks' rows straight into its gathered layout
         # (the ranks' pieces of a tensor split along its first dim follow each other)
-        def pieces(everyone: np.ndarray) -> list[np.ndarray]:
+        gathered = [(pre, p, -1) for pre in pres]
+
+        def pairs(results: list[np.ndarray], everyone: np.ndarray) -> list[tuple]:
+            """(view of each result, its pieces in ``everyone``'s rows), to copy."""
             return [
-                everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2)
-                for (a, e), pre in zip(b.spans, pres, strict=True)
+                (y.reshape(g), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
+                for y, g, (a, e), pre in zip(results, gathered, b.spans, pres, strict=True)
             ]
 
-        gathered = [(pre, p, -1) for pre in pres]
+        def gather(xs: list[np.ndarray], flat, everyone, copies) -> None:
+            xp.concatenate([x.reshape(-1) for x in xs], out=flat)
+            comm.all_gather(flat, op.group, 0, out=everyone)
+            for dst, src in copies:
+                xp.copyto(dst, src)
+
         if reuse:
             flat, everyone = xp.empty(total, dtype), xp.empty((p, total), dtype)
             results = [xp.empty(s, dtype) for s in b.results]
-            pairs = list(
-                zip([y.reshape(g) for y, g in zip(results, gathered, strict=True)],
-                    pieces(everyone), strict=True)
-            )  # fmt: skip
+            copies = pairs(results, everyone)
 
             def gather_into(xs: list[np.ndarray]) -> list[np.ndarray]:
-                xp.concatenate([x.reshape(-1) for x in xs], out=flat)
-                comm.all_gather(flat, op.group, 0, out=everyone)
-                for dst, src in pairs:
-                    xp.copyto(dst, src)
+                gather(xs, flat, everyone, copies)
                 return results
 
             return gather_into
-        shapes = b.results
-        unpack = [
-            (a, e, pre, g, s)
-            for (a, e), pre, g, s in zip(b.spans, pres, gathered, shapes, strict=True)
-        ]
 
-        def gather(xs: list[np.ndarray]) -> list[np.ndarray]:
-            flat = xp.concatenate([x.reshape(-1) for x in xs])
-            everyone = comm.all_gather(flat, op.group, 0).reshape(p, -1)
-            out = []
-            for a, e, pre, g, s in unpack:
-                if pre == 1:  # the ranks' pieces follow each other: one copying reshape
-                    out.append(everyone[:, a:e].reshape(s))
-                    continue
-                y = xp.empty(s, dtype)
-                xp.copyto(y.reshape(g), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
-                out.append(y)
-            return out
+        def gathered_anew(xs: list[np.ndarray]) -> list[np.ndarray]:
+            everyone = xp.empty((p, total), dtype)
+            results = [xp.empty(s, dtype) for s in b.results]
+            gather(xs, xp.empty(total, dtype), everyone, pairs(results, everyone))
+            return results
 
-        return gather
+        return gathered_anew
     if reuse and op.kind == "all_reduce":
         # packed into a kept buffer and reduced in place: the results are views of it
         buffer = xp.empty(total, dtype)
