@@ -6,7 +6,9 @@ shape, ConstantOfShape, Split sizes) are rewritten to the block shapes the specs
 other constants are sliced to the spec the node wants, and ``vocab_parallel`` lookups and
 scatter-adds get the offset-and-mask program. Consecutive nodes without communication between
 them form one onnxruntime session; a session ends where an input needs resharding, where the
-node's strategy performs collectives, and at phase boundaries.
+node's strategy performs collectives, and at phase boundaries, except that where the
+schedule runs every micro-batch's backward right after its forward (a single stage, 1F1B's
+last stage) the forward program carries the backward and their sessions meet in one.
 
 Final gradients whose collectives are linear (sum/mean all-reduce, reduce-scatter,
 all-gather) and that only the update phase reads are accumulated *before* those collectives,
@@ -46,6 +48,7 @@ from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
 from runtime import reshard
 from runtime.mesh import RankMesh, check_fits, shard
+from runtime.pipeline import schedule
 from runtime.precision import HALF, half_precision
 from runtime.transfer import Piece, pieces
 
@@ -461,6 +464,9 @@ class StageBuilder:
             if out in self.spec and state in state_specs:
                 key = self._convert(out, state_specs[state], programs["update"])
                 assigns.append((key, state))
+        if self._backward_follows_forward():
+            programs["forward"] += programs["backward"]
+            programs["backward"] = []
         programs = {phase: self._fuse(instrs) for phase, instrs in programs.items()}
         self.segments = [i.segment for p in programs.values() for i in p if isinstance(i, Run)]
         self._finish(programs, grads, loss if loss_here else None, assigns)
@@ -486,6 +492,20 @@ class StageBuilder:
         if not any(LOSS_SEED in seg.inputs for seg in self.segments):
             return None
         return self.consts[LOSS_SEED]
+
+    def _backward_follows_forward(self) -> bool:
+        """Whether this stage's schedule runs every micro-batch's backward right after its
+        forward (a single stage, the last stage of 1F1B, or one micro-batch): then the forward
+        program carries the backward too and its last session fuses with the backward's
+        first, so the activations between them stay inside onnxruntime instead of being
+        returned to Python and fed back."""
+        tasks = schedule(
+            self.plan.options.schedule,
+            self.stage.index,
+            len(self.plan.stages),
+            self.plan.options.microbatches,
+        )
+        return all(tasks[i + 1] == ("B", m) for i, (task, m) in enumerate(tasks) if task == "F")
 
     def _fuse(self, instrs: list[Instr]) -> list[Instr]:
         """Adjacent segments (nothing runs between them, e.g. a node whose gradient

@@ -192,6 +192,42 @@ def test_sessions_slice_their_inputs_themselves(plans):
     assert [n for n in nodes if n.name.startswith(LOCAL_NODE) and n.op_type == "Slice"]
 
 
+def test_backward_shares_a_session_with_forward_where_the_schedule_runs_them_back_to_back(
+    plans, monkeypatch
+):
+    """1F1B's last stage runs each micro-batch's backward right after its forward: one
+    session spans both, so activations that only the backward's first session reads never
+    leave onnxruntime. Stage 0 of that plan, and GPipe's last stage (four forwards before the
+    first backward), keep them apart."""
+    from runtime.partition import Run, StageBuilder, node_phases
+
+    def program(method: str, device: int):
+        plan = load_plan(str(plans("gpt2.ts", method)))
+        step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
+        return step, build_stage(step.model, plan, device, cpu_session)
+
+    def returned(program) -> int:  # values the micro-batch's sessions hand back to Python
+        instrs = program.programs["forward"] + program.programs["backward"]
+        return sum(len(i.segment.outputs) for i in instrs if isinstance(i, Run))
+
+    step, fused = program("pipeline", 3)
+    phase = node_phases(step.model.graph)
+    assert fused.programs["backward"] == []
+    spans = [
+        i
+        for i in fused.programs["forward"]
+        if isinstance(i, Run)
+        and {phase.get(n.name) for n in i.segment.nodes} >= {"forward", "backward"}
+    ]
+    assert len(spans) == 1
+    assert program("pipeline", 0)[1].programs["backward"]
+    assert program("gpipe", 3)[1].programs["backward"]
+    monkeypatch.setattr(StageBuilder, "_backward_follows_forward", lambda self: False)
+    apart = program("pipeline", 3)[1]
+    assert apart.programs["backward"]
+    assert returned(fused) < returned(apart)
+
+
 def test_mpich_defaults_leave_the_users_settings_alone():
     from runtime.comm import MPICH_DEFAULTS, apply_mpich_defaults
 
@@ -376,7 +412,7 @@ def test_the_loss_is_reduced_with_the_gradients_at_the_step_end(plans):
     micro-batch in the forward pass: it joins the gradients' bucket as a sum, divided after
     (``verify`` of the same plan checks the value)."""
     from planner.plan_io import load_plan
-    from runtime.partition import Collect, CollectiveOp, build_stage, cpu_session
+    from runtime.partition import Collect, CollectiveOp, build_stage, cpu_session, node_phases
     from runtime.step import prepare_step
 
     plan = load_plan(str(plans("gpt2.ts", "data")))
@@ -384,7 +420,10 @@ def test_the_loss_is_reduced_with_the_gradients_at_the_step_end(plans):
     program = build_stage(step.model, plan, 1, cpu_session)
     assert program.loss_sync == [CollectiveOp("all_reduce", (0, 1), "sum", None)]
     assert program.loss_divisor == 2
-    assert not [i for i in program.programs["forward"] if isinstance(i, Collect)]
+    phase = node_phases(step.model.graph)
+    forward = {v.name for n in step.model.graph if phase[n.name] == "forward" for v in n.outputs}
+    instrs = program.programs["forward"] + program.programs["backward"]
+    assert not [i for i in instrs if isinstance(i, Collect) and i.key in forward]
 
 
 def test_reduce_scatters_of_reshaped_gradients_wait_for_the_bucketed_sync(plans):
@@ -402,7 +441,8 @@ def test_reduce_scatters_of_reshaped_gradients_wait_for_the_bucketed_sync(plans)
     step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
     program = build_stage(step.model, plan, 0, cpu_session)
     values = {v.name: v for n in step.model.graph for v in n.outputs}
-    collected = [i.key for i in program.programs["backward"] if isinstance(i, Collect)]
+    instrs = program.programs["forward"] + program.programs["backward"]
+    collected = [i.key for i in instrs if isinstance(i, Collect)]
     assert not [k for k in collected if gradient_reshape(values[k]) is not None]
     scattered = [g for g in program.grads if [op.kind for op in g.deferred] == ["reduce_scatter"]]
     assert len(scattered) == len(program.grads) - 1  # all but the tied embedding's
