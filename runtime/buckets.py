@@ -20,16 +20,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from runtime.comm import Communicator, array_module
-
-if TYPE_CHECKING:
-    from runtime.partition import CollectiveOp
+from runtime.partition import CollectiveOp
 
 BUCKET_BYTES = 25 << 20
 BUCKETED = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -60,17 +55,6 @@ def result_shape(op: CollectiveOp, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:d], n, *shape[d + 1 :])
 
 
-def source_shape(op: CollectiveOp, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape ``op`` takes to give ``shape`` (``result_shape`` inverted)."""
-    p = len(op.group)
-    if p == 1 or op.kind not in ("all_gather", "reduce_scatter"):
-        return shape
-    d = op.dim
-    assert d is not None
-    n = shape[d] // p if op.kind == "all_gather" else shape[d] * p
-    return (*shape[:d], n, *shape[d + 1 :])
-
-
 def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     ends = np.cumsum(sizes, dtype=np.int64).tolist()
     return tuple((end - n, end) for n, end in zip(sizes, ends, strict=True))
@@ -86,7 +70,6 @@ class Bucket:
     shapes: tuple[tuple[int, ...], ...]  # the members' shapes before the call
     spans: tuple[tuple[int, int], ...]  # each member's part of the flat buffer the call moves
     results: tuple[tuple[int, ...], ...]  # and after
-    level: int  # the members' k-th collectives (0: their first)
 
 
 def _leading(op: CollectiveOp, shape: tuple[int, ...]) -> int:
@@ -94,9 +77,7 @@ def _leading(op: CollectiveOp, shape: tuple[int, ...]) -> int:
     return math.prod(shape[: op.dim]) if op.dim else 1
 
 
-def _bucket(
-    members: list[int], ops: list[CollectiveOp], shapes: list[tuple[int, ...]], level: int
-) -> Bucket:
+def _bucket(members: list[int], ops: list[CollectiveOp], shapes: list[tuple[int, ...]]):
     # tensors split along their first dim first: a reduce-scatter packs those in one call
     order = sorted(range(len(members)), key=lambda j: _leading(ops[j], shapes[j]) != 1)
     members, ops, shapes = ([x[j] for j in order] for x in (members, ops, shapes))
@@ -104,7 +85,7 @@ def _bucket(
     # reduce_scatter packs piece r of every tensor into row r: spans are per row
     sizes = [math.prod(s) // (p if ops[0].kind == "reduce_scatter" else 1) for s in shapes]
     results = tuple(result_shape(o, s) for o, s in zip(ops, shapes, strict=True))
-    return Bucket(tuple(members), tuple(ops), tuple(shapes), _spans(sizes), results, level)
+    return Bucket(tuple(members), tuple(ops), tuple(shapes), _spans(sizes), results)
 
 
 def layout(
@@ -132,19 +113,19 @@ def layout(
                 ready.append(filling.pop(key)[0])
         ready.extend(members for members, _ in filling.values())
         for members in ready:
-            bucket = _bucket(members, [ops[i][k] for i in members], [shapes[i] for i in members], k)
+            bucket = _bucket(members, [ops[i][k] for i in members], [shapes[i] for i in members])
             out.append(bucket)
             for i, shape in zip(members, bucket.results, strict=True):
                 shapes[i] = shape
     return out
 
 
-Bound = Callable[[list[np.ndarray]], list[np.ndarray]]
+Packed = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 def bind_bucket(
     b: Bucket, dtype: np.dtype, xp: ModuleType, comm: Communicator, reuse: bool = False
-) -> Bound:
+) -> Packed:
     """``run_collective(b.ops[i], xs[i])`` for every member of ``b`` as one call, every
     offset, view and reshape worked out here, once. ``reuse``: the buffers the call packs
     into and receives into are kept from call to call and the results are views of them,
@@ -171,27 +152,27 @@ def bind_bucket(
                 for (a, e), pre in zip(b.spans[ones:], pres[ones:], strict=True)
             ]
 
-        def pack(dsts, xs: list[np.ndarray]) -> None:
+        def scatter(send: np.ndarray, dsts, xs: list[np.ndarray], out=None) -> np.ndarray:
             first, rest = dsts
             if ones:
                 xp.concatenate([x.reshape(p, -1) for x in xs[:ones]], axis=1, out=first)
             for x, split, dst in zip(xs[ones:], splits, rest, strict=True):
                 xp.copyto(dst, x.reshape(split).transpose(1, 0, 2))
+            return comm.reduce_scatter(send, op.group, 0, op.reduce, out=out)
 
         if reuse:
-            send = xp.empty((p, total), dtype)
-            dsts, scatter = rows(send), bind_packed(b, dtype, xp, comm)
+            send, recv = xp.empty((p, total), dtype), xp.empty(total, dtype)
+            dsts, results = rows(send), _unpacked(b, recv)
 
             def scatter_into(xs: list[np.ndarray]) -> list[np.ndarray]:
-                pack(dsts, xs)
-                return scatter(send)
+                scatter(send, dsts, xs, recv)
+                return results
 
             return scatter_into
 
         def reduce_scattered(xs: list[np.ndarray]) -> list[np.ndarray]:
             send = xp.empty((p, total), dtype)
-            pack(rows(send), xs)
-            return _unpacked(b, comm.reduce_scatter(send, op.group, 0, op.reduce).reshape(-1))
+            return _unpacked(b, scatter(send, rows(send), xs).reshape(-1))
 
         return reduce_scattered
     if op.kind == "all_gather":
@@ -249,66 +230,6 @@ def bind_bucket(
     return packed
 
 
-PACKABLE = ("all_reduce", "reduce_scatter")
-
-
-def packable(b: Bucket) -> bool:
-    """Whether ``pack_nodes`` can build ``b``'s send buffer (it has one to build)."""
-    return b.ops[0].kind in PACKABLE and len(b.members) > 1 and len(b.ops[0].group) > 1
-
-
-def pack_nodes(
-    b: Bucket, keys: Sequence[str], out: str
-) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
-    """ONNX nodes (and their shape constants) that compute ``out``, the send buffer
-    ``bind_bucket`` packs for ``b``, from its members ``keys``: in the session that makes
-    the members, the packing costs no Python call per tensor and the members leave
-    onnxruntime as one buffer. Explicit shapes make onnxruntime refuse a member of another
-    size than the layout's."""
-    op = b.ops[0]
-    p, scatter = len(op.group), op.kind == "reduce_scatter"
-    assert packable(b)
-    nodes: list[onnx.NodeProto] = []
-    consts: dict[str, np.ndarray] = {}
-
-    def reshape(x: str, dims: list[int], y: str) -> str:
-        consts[f"{y}/shape"] = np.asarray(dims, np.int64)
-        nodes.append(helper.make_node("Reshape", [x, f"{y}/shape"], [y], name=y))
-        return y
-
-    parts = []
-    for j, (key, o, shape, (a, e)) in enumerate(zip(keys, b.ops, b.shapes, b.spans, strict=True)):
-        part, pre = f"{out}/{j}", _leading(o, shape)
-        if scatter and pre != 1:  # piece r along its dim into row r: (pre, p, rest) -> (p, ...)
-            split = reshape(key, [pre, p, -1], f"{part}/split")
-            nodes.append(helper.make_node("Transpose", [split], [f"{part}/rows"], perm=[1, 0, 2]))
-            key = f"{part}/rows"
-        parts.append(reshape(key, [p, e - a] if scatter else [e - a], part))
-    nodes.append(helper.make_node("Concat", parts, [out], name=out, axis=1 if scatter else 0))
-    return nodes, consts
-
-
-def bind_packed(
-    b: Bucket, dtype: np.dtype, xp: ModuleType, comm: Communicator
-) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """The members' results of ``b``'s call on its send buffer, packed as ``bind_bucket``
-    and ``pack_nodes`` lay it out: a reduce-scatter receives into a buffer kept from call to
-    call, whose views are the results (valid until the next call); an all-reduce reduces the
-    buffer in place and returns views of it."""
-    op = b.ops[0]
-    if op.kind == "reduce_scatter":
-        recv = xp.empty(b.spans[-1][1], dtype)
-        results = _unpacked(b, recv)
-
-        def scatter(send: np.ndarray) -> list[np.ndarray]:
-            comm.reduce_scatter(send, op.group, 0, op.reduce, out=recv)
-            return results
-
-        return scatter
-    assert op.kind == "all_reduce", op.kind
-    return lambda buffer: _unpacked(b, comm.all_reduce(buffer, op.group, op.reduce, inplace=True))
-
-
 def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
     """The members' results: views of the flat buffer the call returned."""
     return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
@@ -330,55 +251,27 @@ class Synchronizer:
     ``reuse``: every bucket packs into and receives into buffers kept from call to call, as
     DDP's gradient buckets are: no fresh (page-faulting) buffers per step, and the results
     are views of them worked out once. They are valid until the next call, so only a
-    once-per-step sync whose results the step consumes may reuse them.
-
-    ``packed``: first-level buckets of this layout whose send buffers the caller packs
-    itself (``pack_nodes``, in the session that makes the members). A call then takes the
-    other tensors, in order, followed by those buffers, in order, and returns every
-    tensor's result."""
+    once-per-step sync whose results the step consumes may reuse them."""
 
     def __init__(
-        self,
-        ops: Sequence[Sequence[CollectiveOp]],
-        comm: Communicator,
-        reuse: bool = False,
-        packed: Sequence[Bucket] = (),
+        self, ops: Sequence[Sequence[CollectiveOp]], comm: Communicator, reuse: bool = False
     ):
-        self.ops, self.comm, self.reuse, self.packed = ops, comm, reuse, list(packed)
-        inside = {i for b in packed for i in b.members}
-        self._rest = [i for i in range(len(ops)) if i not in inside]
-        self._bound: list[tuple[tuple[int, ...], int | None, Callable]] | None = None
+        self.ops, self.comm, self.reuse = ops, comm, reuse
+        self._bound: list[tuple[tuple[int, ...], Packed]] | None = None
 
-    def _bind(self, xs: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], int | None, Callable]]:
-        shapes: list[tuple[int, ...]] = [()] * len(self.ops)
-        dtypes: list[np.dtype] = [np.dtype(np.float32)] * len(self.ops)
-        for i, x in zip(self._rest, xs, strict=False):
-            shapes[i], dtypes[i] = x.shape, x.dtype
-        for b, buffer in zip(self.packed, xs[len(self._rest) :], strict=True):
-            for i, shape in zip(b.members, b.shapes, strict=True):
-                shapes[i], dtypes[i] = shape, buffer.dtype
+    def _bind(self, xs: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], Packed]]:
+        shapes, dtypes = [x.shape for x in xs], [x.dtype for x in xs]
         xp = array_module(xs[0]) if xs else np
-        bound: list[tuple[tuple[int, ...], int | None, Callable]] = []
-        for b in layout(self.ops, shapes, dtypes):
-            dtype = dtypes[b.members[0]]
-            if b in self.packed:
-                j = self.packed.index(b)
-                bound.append((b.members, j, bind_packed(b, dtype, xp, self.comm)))
-            else:
-                bound.append((b.members, None, bind_bucket(b, dtype, xp, self.comm, self.reuse)))
-        if len([j for _, j, _ in bound if j is not None]) != len(self.packed):
-            raise ValueError("the packed buckets are not buckets of this sync's layout")
-        return bound
+        return [
+            (b.members, bind_bucket(b, dtypes[b.members[0]], xp, self.comm, self.reuse))
+            for b in layout(self.ops, shapes, dtypes)
+        ]
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._bound is None:
             self._bound = self._bind(xs)
-        out: list = [None] * len(self.ops)
-        for i, x in zip(self._rest, xs, strict=False):
-            out[i] = x
-        buffers = xs[len(self._rest) :]
-        for members, j, bound in self._bound:
-            results = bound(buffers[j] if j is not None else [out[i] for i in members])
-            for i, y in zip(members, results, strict=True):
+        out = list(xs)
+        for members, bound in self._bound:
+            for i, y in zip(members, bound([out[i] for i in members]), strict=True):
                 out[i] = y
         return out

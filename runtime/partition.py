@@ -47,14 +47,12 @@ from planner.graph import (
 from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
 from runtime import reshard
-from runtime.buckets import Bucket, layout, pack_nodes, packable, source_shape
 from runtime.mesh import RankMesh, check_fits, shard
 from runtime.pipeline import schedule
 from runtime.precision import HALF, half_precision
 from runtime.transfer import Piece, pieces
 
 PHASES = ("forward", "backward", "update")
-SYNC_PREFIX = "sync/"  # keys of the step-end sync's buffers the sessions pack
 # (op, input index) whose constant holds the node's output shape (or split sizes).
 SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Split", 1)}
 LINEAR = {"sum", "mean", None}
@@ -164,9 +162,6 @@ class StageProgram:
     loss_divisor: int = 1
     half: bool = False  # float16 sessions and loss scaling (``runtime.precision``)
     loss_seed: np.ndarray | None = None  # fed as LOSS_SEED times the loss scale, when half
-    # (key, bucket): first buckets of the step-end sync (over the gradients, then the loss)
-    # whose send buffers the micro-batch's last session packs (``StageBuilder._packs``)
-    packs: list[tuple[str, Bucket]] = field(default_factory=list)
 
     @property
     def owned_specs(self) -> dict[str, ShardingSpec]:
@@ -328,7 +323,6 @@ class StageBuilder:
         self._carried: dict[str, list[Collective]] = {}  # reshape -> deferred collectives
         self.loss_sync: list[CollectiveOp] = []
         self.loss_divisor = 1
-        self.pack_members: dict[str, str] = {}  # a packed sync buffer's key -> a member
 
     # -- tensor facts -------------------------------------------------------------------
 
@@ -475,8 +469,7 @@ class StageBuilder:
             programs["backward"] = []
         programs = {phase: self._fuse(instrs) for phase, instrs in programs.items()}
         self.segments = [i.segment for p in programs.values() for i in p if isinstance(i, Run)]
-        packs = self._packs(programs, grads, loss if loss_here else None)
-        self._finish(programs, grads, loss if loss_here else None, assigns, packs)
+        self._finish(programs, grads, loss if loss_here else None, assigns)
         return StageProgram(
             stage.index,
             self.mesh,
@@ -492,7 +485,6 @@ class StageBuilder:
             self.loss_divisor,
             self.half,
             self._seed(),
-            packs,
         )
 
     def _seed(self) -> np.ndarray | None:
@@ -514,49 +506,6 @@ class StageBuilder:
             self.plan.options.microbatches,
         )
         return all(tasks[i + 1] == ("B", m) for i, (task, m) in enumerate(tasks) if task == "F")
-
-    def _packs(
-        self, programs: dict[str, list[Instr]], grads: list[GradAccumulator], loss: str | None
-    ) -> list[tuple[str, Bucket]]:
-        """The step-end sync's first buckets (``buckets.layout`` over the gradients' deferred
-        collectives, then the loss's) whose send buffers the micro-batch's last session builds
-        itself (``buckets.pack_nodes``): their members leave onnxruntime as one buffer, packed
-        without a Python call per tensor, and accumulate across micro-batches as one. Not
-        where an instruction after that session rewrites a member, nor in float16 sessions
-        (the converter would change the buffer's type)."""
-        micro = programs["forward"] + programs["backward"]
-        runs = [j for j, ins in enumerate(micro) if isinstance(ins, Run)]
-        if self.half or not runs:
-            return []
-        tail = micro[runs[-1]]
-        assert isinstance(tail, Run)
-        rewritten = {
-            ins.dst if isinstance(ins, Reshard) else ins.key
-            for ins in micro[runs[-1] + 1 :]
-            if isinstance(ins, Reshard | Collect | Recv)
-        }
-        keys = [g.key for g in grads] + ([loss] if loss else [])
-        chains = [g.deferred for g in grads] + ([self.loss_sync] if loss else [])
-        shapes = [self.local(g.key, g.spec) for g in grads]
-        for g, i in zip(grads, range(len(shapes)), strict=True):
-            for op in reversed(g.deferred):
-                shapes[i] = source_shape(op, shapes[i])
-        if loss:
-            shapes.append(self.local(loss, self.spec[loss]))
-        dtypes = [self.dtype(k).numpy() for k in keys]
-        packs: list[tuple[str, Bucket]] = []
-        for b in layout(chains, shapes, dtypes):
-            members = [keys[i] for i in b.members]
-            if b.level or not packable(b) or rewritten.intersection(members):
-                continue
-            key = f"{SYNC_PREFIX}{len(packs)}"
-            nodes, consts = pack_nodes(b, members, key)
-            tail.segment.nodes += nodes
-            tail.segment.initializers.update(consts)
-            tail.segment.produced.append(key)
-            self.pack_members[key] = members[0]  # its dtype's
-            packs.append((key, b))
-        return packs
 
     def _fuse(self, instrs: list[Instr]) -> list[Instr]:
         """Adjacent segments (nothing runs between them, e.g. a node whose gradient
@@ -975,17 +924,13 @@ class StageBuilder:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _finish(self, programs, grads, loss, assigns, packs) -> None:
+    def _finish(self, programs, grads, loss, assigns) -> None:
         """Decide each segment's inputs/outputs from what later instructions read, then
-        create its session. A micro-batch's sessions return what the micro-batch's
-        instructions read and what the step-end sync takes (the members of packed buckets
-        only packed); the update reads the synced gradients, not theirs."""
-        packed = {i for _, b in packs for i in b.members}
-        synced = [g.key for g in grads] + ([loss] if loss else [])
-        micro = {k for i, k in enumerate(synced) if i not in packed} | {k for k, _ in packs}
-        step = {k for k, _ in assigns}
-        for phase, instrs in programs.items():
-            reads = micro if phase in ("forward", "backward") else step
+        create its session."""
+        needed: set[str] = {g.key for g in grads} | {k for k, _ in assigns}
+        if loss:
+            needed.add(loss)
+        for instrs in programs.values():
             for ins in instrs:
                 if isinstance(ins, Run):
                     seg = ins.segment
@@ -995,12 +940,11 @@ class StageBuilder:
                             if x and x not in made and x not in seg.inputs:
                                 seg.inputs.append(x)
                         made.update(n.output)
-                    reads.update(seg.inputs)
+                    needed.update(seg.inputs)
                 elif isinstance(ins, Reshard):
-                    reads.add(ins.src)
+                    needed.add(ins.src)
                 elif isinstance(ins, Collect | Send):
-                    reads.add(ins.key)
-        step |= micro  # a prologue's results join the state the micro-batches read
+                    needed.add(ins.key)
         opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
         half = {
             id(ins.segment)
@@ -1008,19 +952,12 @@ class StageBuilder:
             for ins in programs.get(phase, [])
             if self.half and isinstance(ins, Run)
         }
-        in_micro = {
-            id(i.segment)
-            for phase in ("forward", "backward")
-            for i in programs[phase]
-            if isinstance(i, Run)
-        }
         for seg in self.segments:
-            needed = micro if id(seg) in in_micro else step
             seg.outputs = [k for k in dict.fromkeys(seg.produced) if k in needed]
             seg.session = self._session(seg, opsets, id(seg) in half)
 
     def _value_info(self, key: str) -> onnx.ValueInfoProto:
-        name = self.pack_members.get(key) or key.split("@", 1)[0]
+        name = key.split("@", 1)[0]
         return helper.make_tensor_value_info(key, int(self.dtype(name)), None)
 
     def _session(self, seg: Segment, opsets, half: bool) -> Session:

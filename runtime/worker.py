@@ -141,18 +141,11 @@ class StageRunner:
         }
         # the gradients' deferred collectives, and the loss's (see ``StageProgram.loss_sync``)
         chains = [g.deferred for g in program.grads]
-        self.grad_keys = [g.key for g in program.grads]
-        keys = list(self.grad_keys)
         if program.loss is not None:
             chains.append(program.loss_sync)
-            keys.append(program.loss)
-        packed = {i for _, b in program.packs for i in b.members}
-        self.grad_sync = Synchronizer(chains, comm, True, [b for _, b in program.packs])
-        # what micro-batches accumulate and the sync takes: the tensors no session packed
-        # (the loss among them, summed like a gradient), then the packed buffers
-        self.accumulated = [k for i, k in enumerate(keys) if i not in packed]
-        self.accumulated += [key for key, _ in program.packs]
-        self.sync_values = _values(self.accumulated)
+        self.grad_sync = Synchronizer(chains, comm, reuse=True)
+        self.grad_keys = [g.key for g in program.grads]
+        self.grad_values = _values(self.grad_keys)
         # the state the update replaces, and (one C call) the update's results that replace it
         self.assigned = [state for _, state in program.assigns]
         keys = [key for key, _ in program.assigns]
@@ -287,6 +280,7 @@ class StageRunner:
             self.state.update(borrowed)
         envs: dict[int, dict[str, np.ndarray]] = {}
         acc: dict[str, np.ndarray] = {}
+        losses = []
         p = self.p
         seed = None
         if p.loss_seed is not None and self.scaler is not None:
@@ -302,27 +296,35 @@ class StageRunner:
                 if seed is not None:
                     env[LOSS_SEED] = seed
                 self.run("forward", env, m)
+                if p.loss is not None:
+                    losses.append(env[p.loss])  # reduced with the gradients, at the end
             else:
                 env = envs.pop(m)
                 self.run("backward", env, m)
                 if self.m == 1:
                     acc = env
                     continue
-                for key in self.accumulated:  # summed in place, into a copy of the first (a
-                    if key in acc:  # send may still read that one)
-                        acc[key] += env[key]
+                for g in p.grads:  # summed in place, into a copy of the first (a send may
+                    if g.key in acc:  # still read that one)
+                        acc[g.key] += env[g.key]
                     else:
-                        acc[key] = env[key].copy()
+                        acc[g.key] = env[g.key].copy()
         step_env = dict(self.state)
         start = time.perf_counter()
+        grads = p.grads
         if self.m > 1:
-            for key in self.accumulated:
-                acc[key] = mean_of(acc[key], self.m)
-        synced = self.grad_sync(self.sync_values(acc))
+            for g in grads:
+                acc[g.key] = mean_of(acc[g.key], self.m)
+        tensors = list(self.grad_values(acc))
+        if len(losses) == 1:
+            tensors.append(losses[0])
+        elif losses:
+            tensors.append(sum(losses[1:], losses[0]) / losses[0].dtype.type(len(losses)))
+        synced = self.grad_sync(tensors)
         step_env.update(zip(self.grad_keys, synced, strict=False))  # then the loss
         self.timers.collective += time.perf_counter() - start
         self.skipped = self.scaler is not None and not self.scaler.unscale(
-            synced[: len(self.grad_keys)], self.comm
+            synced[: len(grads)], self.comm
         )
         if not self.skipped:
             self.run("update", step_env, 0)

@@ -111,58 +111,6 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     assert result.stdout.count("ok") == 4
 
 
-def test_sessions_pack_gradient_buckets_as_the_sync_would():
-    """A bucket whose send buffer a session builds (``pack_nodes``) syncs to what the
-    numpy-packed bucket gives: reduce-scatters along a first and a later dim, an all-reduce
-    with a 0-d loss in it, and a second collective after a packed one. Replicas that know
-    their results without peers stand in for the other rank; their reduce-scatter keeps
-    rank 1's row, so a layout off by one element shows."""
-    from runtime.buckets import Synchronizer, layout, pack_nodes, packable
-    from runtime.partition import CollectiveOp as Op
-    from tests.replicas import Replicas
-
-    g = (0, 1)
-    rng = np.random.default_rng(0)
-    shapes = [(4, 6), (2, 8), (6,), (4, 2, 2), (2, 4), ()]
-    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    ops = [
-        [Op("reduce_scatter", g, "sum", 1)],
-        [Op("reduce_scatter", g, "sum", 0)],
-        [Op("all_reduce", g, "sum", None)],
-        [Op("reduce_scatter", g, "sum", 2), Op("all_reduce", g, "sum", None)],
-        [Op("reduce_scatter", g, "sum", 0)],
-        [Op("all_reduce", g, "sum", None)],
-    ]
-    comm = Replicas(2, 1)
-    want = Synchronizer(ops, comm, reuse=True)(xs)
-    names = [f"g{i}" for i in range(len(xs))]
-    packed = [b for b in layout(ops, shapes, [x.dtype for x in xs]) if not b.level and packable(b)]
-    assert sorted(b.ops[0].kind for b in packed) == ["all_reduce", "reduce_scatter"]
-    nodes, consts = [], {}
-    for j, b in enumerate(packed):
-        more, cs = pack_nodes(b, [names[i] for i in b.members], f"sync/{j}")
-        nodes += more
-        consts.update(cs)
-    graph = helper.make_graph(
-        nodes,
-        "pack",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
-        [helper.make_tensor_value_info(f"sync/{j}", TensorProto.FLOAT, None) for j in range(2)],
-        [onnx.numpy_helper.from_array(a, k) for k, a in consts.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString())
-    buffers = session.run(None, dict(zip(names, xs, strict=True)))
-    inside = {i for b in packed for i in b.members}
-    rest = [x for i, x in enumerate(xs) if i not in inside]
-    synchronize = Synchronizer(ops, comm, True, packed)
-    for _ in range(2):  # the second call replays the bound buckets and kept buffers
-        got = synchronize([*rest, *(b.copy() for b in buffers)])
-        for y, w in zip(got, want, strict=True):
-            assert y.shape == w.shape
-            np.testing.assert_allclose(y, w, rtol=1e-6)
-
-
 @pytest.mark.parametrize(
     "src, dst",
     [("R,R", "S0,R"), ("R,R", "R,S10"), ("S1,R", "S1,S0"), ("R,R", "S0,R|P1"), ("R,S0", "R,S0|P1")],
@@ -278,31 +226,6 @@ def test_backward_shares_a_session_with_forward_where_the_schedule_runs_them_bac
     apart = program("pipeline", 3)[1]
     assert apart.programs["backward"]
     assert returned(fused) < returned(apart)
-
-
-@pytest.mark.parametrize(
-    "fixture, method, kind",
-    [("llama.dynamo", "zero2", "reduce_scatter"), ("gpt2.ts", "data", "all_reduce")],
-)
-def test_the_last_session_hands_the_sync_its_gradient_buckets_packed(plans, fixture, method, kind):
-    """The micro-batch's last session returns the step-end sync's buffers (ZeRO-2's
-    reduce-scatter, data parallelism's all-reduce with the loss in it), not the tensors they
-    hold; float16 sessions (converted to half) return theirs one by one."""
-    from runtime.partition import Run
-
-    plan = load_plan(str(plans(fixture, method)))
-    step = prepare_step(plan, str(FIXTURES / f"{fixture}.onnx"))
-    program = build_stage(step.model, plan, 0, cpu_session)
-    micro = program.programs["forward"] + program.programs["backward"]
-    last = [i.segment for i in micro if isinstance(i, Run)][-1]
-    assert [b.ops[0].kind for _, b in program.packs] == [kind]
-    keys = [g.key for g in program.grads] + [program.loss]
-    members = {keys[i] for _, b in program.packs for i in b.members}
-    assert len(members) > 1 and not members & set(last.outputs)
-    assert {key for key, _ in program.packs} <= set(last.outputs)
-    half = load_plan(str(plans("gpt2.ts", "fp16-pipeline")))
-    step = prepare_step(half, str(FIXTURES / "gpt2.ts.onnx"))
-    assert not build_stage(step.model, half, 3, cpu_session).packs
 
 
 def test_mpich_defaults_leave_the_users_settings_alone():
