@@ -127,9 +127,10 @@ def bind_bucket(
     b: Bucket, dtype: np.dtype, xp: ModuleType, comm: Communicator, reuse: bool = False
 ) -> Packed:
     """``run_collective(b.ops[i], xs[i])`` for every member of ``b`` as one call, every
-    offset, view and reshape worked out here, once. ``reuse``: the buffers the call packs
-    into and receives into are kept from call to call and the results are views of them,
-    valid until the next call (see ``Synchronizer``); otherwise each call allocates them."""
+    offset, view and reshape worked out here, once. The buffers a call packs into (and an
+    all-gather's receive buffer) are used up within the call and kept from call to call.
+    ``reuse``: so are the results, or the buffers they are views of, valid until the next
+    call (see ``Synchronizer``); otherwise each call allocates them."""
     op = b.ops[0]
     p = len(op.group)
     if len(b.members) == 1 or p == 1:
@@ -160,57 +161,39 @@ def bind_bucket(
                 xp.copyto(dst, x.reshape(split).transpose(1, 0, 2))
             return comm.reduce_scatter(send, op.group, 0, op.reduce, out=out)
 
+        send = xp.empty((p, total), dtype)  # used up within each call: kept either way
+        dsts = rows(send)
         if reuse:
-            send, recv = xp.empty((p, total), dtype), xp.empty(total, dtype)
-            dsts, results = rows(send), _unpacked(b, recv)
+            recv = xp.empty(total, dtype)
+            results = _unpacked(b, recv)
 
             def scatter_into(xs: list[np.ndarray]) -> list[np.ndarray]:
                 scatter(send, dsts, xs, recv)
                 return results
 
             return scatter_into
-
-        def reduce_scattered(xs: list[np.ndarray]) -> list[np.ndarray]:
-            send = xp.empty((p, total), dtype)
-            return _unpacked(b, scatter(send, rows(send), xs).reshape(-1))
-
-        return reduce_scattered
+        return lambda xs: _unpacked(b, scatter(send, dsts, xs).reshape(-1))
     if op.kind == "all_gather":
         # every tensor is copied once, from the ranks' rows straight into its gathered layout
-        # (the ranks' pieces of a tensor split along its first dim follow each other)
-        gathered = [(pre, p, -1) for pre in pres]
+        # (the ranks' pieces of a tensor split along its first dim follow each other); the
+        # send and receive buffers are used up within each call: kept either way
+        flat, everyone = xp.empty(total, dtype), xp.empty((p, total), dtype)
+        pieces = [
+            (g, everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
+            for g, (a, e), pre in zip([(pre, p, -1) for pre in pres], b.spans, pres, strict=True)
+        ]
 
-        def pairs(results: list[np.ndarray], everyone: np.ndarray) -> list[tuple]:
-            """(view of each result, its pieces in ``everyone``'s rows), to copy."""
-            return [
-                (y.reshape(g), everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
-                for y, g, (a, e), pre in zip(results, gathered, b.spans, pres, strict=True)
-            ]
-
-        def gather(xs: list[np.ndarray], flat, everyone, copies) -> None:
+        def gather(xs: list[np.ndarray], results: list[np.ndarray]) -> list[np.ndarray]:
             xp.concatenate([x.reshape(-1) for x in xs], out=flat)
             comm.all_gather(flat, op.group, 0, out=everyone)
-            for dst, src in copies:
-                xp.copyto(dst, src)
-
-        if reuse:
-            flat, everyone = xp.empty(total, dtype), xp.empty((p, total), dtype)
-            results = [xp.empty(s, dtype) for s in b.results]
-            copies = pairs(results, everyone)
-
-            def gather_into(xs: list[np.ndarray]) -> list[np.ndarray]:
-                gather(xs, flat, everyone, copies)
-                return results
-
-            return gather_into
-
-        def gathered_anew(xs: list[np.ndarray]) -> list[np.ndarray]:
-            everyone = xp.empty((p, total), dtype)
-            results = [xp.empty(s, dtype) for s in b.results]
-            gather(xs, xp.empty(total, dtype), everyone, pairs(results, everyone))
+            for y, (g, src) in zip(results, pieces, strict=True):
+                xp.copyto(y.reshape(g), src)
             return results
 
-        return gathered_anew
+        if reuse:
+            kept = [xp.empty(s, dtype) for s in b.results]
+            return lambda xs: gather(xs, kept)
+        return lambda xs: gather(xs, [xp.empty(s, dtype) for s in b.results])
     if reuse and op.kind == "all_reduce":
         # packed into a kept buffer and reduced in place: the results are views of it
         buffer = xp.empty(total, dtype)
