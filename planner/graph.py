@@ -82,13 +82,77 @@ def loss_chain(value: ir.Value) -> list[ir.Node] | None:
     return None if list(value.uses()) else chain
 
 
+# Ops a sum over ranks passes through, by the inputs it may arrive in (None: any). An Add or
+# Sum needs it in all of its inputs, a scatter-add in its updates and in its base (or a base
+# of zeros): the executor checks that (``runtime.partition``); the planner prices by shape.
+SUM_PASSING_SLOTS: dict[str, tuple[int, ...] | None] = {
+    **{op: (0,) for op in LINEAR_UNARY_OPS | {"Transpose"}},
+    "Add": None,
+    "Sum": None,
+    "ScatterElements": (0, 2),
+    "ScatterND": (0, 2),
+}
+
+
+def passes_sums(node: ir.Node, slot: int) -> bool:
+    """Whether a sum over ranks arriving in input ``slot`` of ``node`` passes on to its output."""
+    if node.op_type not in SUM_PASSING_SLOTS or len(node.outputs) != 1:
+        return False
+    if node.op_type.startswith("Scatter") and node.attributes.get_string("reduction", "") != "add":
+        return False
+    slots = SUM_PASSING_SLOTS[node.op_type]
+    return slots is None or slot in slots
+
+
+def summed_into_gradient(value: ir.Value) -> bool:
+    """Every use of ``value`` passes sums on (``passes_sums``), in the backward pass, into
+    parameter gradients and nothing else (a tied embedding's transposed lm_head gradient, a
+    position embedding's scatter-add of a batch sum): a partial sum of it may be completed
+    once per step, by the gradients' bucketed all-reduce. Not a lone reshape into a gradient
+    (``gradient_reshape``), through which a reduce-scatter is restated as well."""
+    if gradient_reshape(value) is not None:
+        return False
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if role_of(v) is Role.GRAD and v is not value:
+            continue
+        uses = list(v.uses())
+        if not uses or v.is_graph_output() or role_of(v) is Role.GRAD:
+            return False
+        for user, slot in uses:
+            if user.metadata_props.get(PHASE_KEY) != "backward" or not passes_sums(user, slot):
+                return False
+            stack.extend(user.outputs)
+    return True
+
+
+def is_zeros(value: ir.Value) -> bool:
+    """A constant all-zero tensor, or one expanded, cast or shaped from such a constant
+    (ConstantOfShape's default value is zero)."""
+    array = const_array(value)
+    if array is not None:
+        return not array.any()
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type == "ConstantOfShape":
+        attr = node.attributes.get("value")
+        return attr is None or not attr.as_tensor().numpy().any()
+    return node.op_type in ("Expand", "Cast", "Identity") and is_zeros(node.inputs[0])
+
+
 def synced_as_gradient(value: ir.Value) -> bool:
-    """A final gradient, a gradient before its reshape, or the loss before its linear ops:
-    their partial sums are synchronised once per step, bucketed with the gradients, as the
-    executor does."""
+    """A final gradient, a gradient before its reshape, a partial sum summed into gradients
+    alone, or the loss before its linear ops: their partial sums are synchronised once per
+    step, bucketed with the gradients, as the executor does."""
     return (
         role_of(value) is Role.GRAD
         or gradient_reshape(value) is not None
+        or summed_into_gradient(value)
         or loss_chain(value) is not None
     )
 

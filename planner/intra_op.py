@@ -53,6 +53,7 @@ from planner.graph import (
     itemsize,
     role_of,
     shape_of,
+    summed_into_gradient,
     synced_as_gradient,
     weight_only,
 )
@@ -232,10 +233,13 @@ class _Builder:
         for i, node in enumerate(nodes):
             grads = [role_of(o) is Role.GRAD for o in node.outputs]
             synced = [synced_as_gradient(o) for o in node.outputs]
+            # the executor defers a summed partial's all-reduce, not a reduce-scatter (its
+            # dim would have to be restated through the ops between): none is offered
+            summed = any(summed_into_gradient(o) for o in node.outputs)
             update = node.metadata_props.get(PHASE_KEY) == "update"
             ctx = StrategyContext(
                 cluster.device,
-                reduce_scatter=self._wants_rs(node, any(grads)),
+                reduce_scatter=self._wants_rs(node, any(grads)) and not summed,
                 bucketed=frozenset(f"out{j}" for j, g in enumerate(synced) if g),
             )
             vid = self._add(

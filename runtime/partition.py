@@ -40,9 +40,12 @@ from planner.graph import (
     Role,
     const_array,
     gradient_reshape,
+    is_zeros,
     loss_chain,
+    passes_sums,
     role_of,
     shape_of,
+    summed_into_gradient,
 )
 from planner.plan_schema import Collective, NodePlan, Plan, StagePlan
 from planner.sharding import ShardingSpec, local_shape
@@ -194,6 +197,13 @@ def unscattered(spec: ShardingSpec, cs: Sequence[Collective]) -> ShardingSpec:
     return ShardingSpec(tuple(tuple(d) for d in dims), spec.partial)
 
 
+def _without(spec: ShardingSpec, axes: frozenset[int]) -> ShardingSpec:
+    """``spec`` with no dim split over ``axes``."""
+    return ShardingSpec(
+        tuple(tuple(a for a in d if a not in axes) for d in spec.dims), spec.partial
+    )
+
+
 def stage_of_device(plan: Plan, device: int) -> StagePlan | None:
     for stage in plan.stages:
         if device in stage.submesh.devices:
@@ -321,6 +331,8 @@ class StageBuilder:
         self.segments: list[Segment] = []
         self.graph_outputs = {v.name for v in graph.outputs}
         self._carried: dict[str, list[Collective]] = {}  # reshape -> deferred collectives
+        self._partial: dict[str, tuple[CollectiveOp, ...]] = {}  # see _summed_partials
+        self._unscattered: dict[str, tuple[list, ShardingSpec]] = {}  # and there
         self.loss_sync: list[CollectiveOp] = []
         self.loss_divisor = 1
 
@@ -444,6 +456,7 @@ class StageBuilder:
                 )
         recvs = self._receives(first_use)
         sends = self._sends()
+        self._partial = self._summed_partials(planned, sends)
         programs: dict[str, list[Instr]] = {"prologue": self._borrowed()}
         grads: list[GradAccumulator] = []
         for phase in PHASES:
@@ -630,6 +643,10 @@ class StageBuilder:
                 src = self.spec[node.inputs[0].name or ""]
                 inputs = [str(src), *np_.inputs[1:]]
                 np_ = np_.model_copy(update={"inputs": inputs, "outputs": [str(before)]})
+            elif name in self._unscattered:  # its partial sum is reduce-scattered at the end
+                final = parse(np_.outputs[0])
+                inputs, before = self._unscattered[name]
+                np_ = np_.model_copy(update={"inputs": inputs, "outputs": [str(before)]})
             if len(np_.outputs) != len(node.outputs):
                 raise UserError(
                     f"plan for node {name!r} lists {len(np_.outputs)} output specs, "
@@ -685,11 +702,118 @@ class StageBuilder:
                 for v in node.outputs:
                     if v.name and role_of(v) is Role.GRAD and self.phase[name] == "backward":
                         ops = [self._collective_op(node, c) for c in self._carried.pop(name, [])]
+                        ops = ops or list(self._partial.get(v.name, ()))
                         if final is not None:  # what the update reads, once synchronised
                             self.spec[v.name] = final
                         grads.append(GradAccumulator(v.name, ops, self.spec[v.name]))
         close()
         return instrs
+
+    def _summed_partials(self, planned: list[str], sends) -> dict[str, tuple[CollectiveOp, ...]]:
+        """Backward values whose planned all-reduces wait for the step's end, in the
+        gradients' bucketed sync, as the planner prices them (``summed_into_gradient``): the
+        ops between run on this rank's partial sums and pass them on. Every op such a value
+        reaches must take the same partial sums in every input that sums (a scatter-add's
+        base may be zeros instead), arrive without resharding, split nothing over the sums'
+        mesh axes, run its plain local program and no collectives of its own, up to
+        gradients that only the update reads. Value -> the collectives it still needs."""
+        # value -> (collectives, their mesh axes, the unsplit spec a reduce-scattered
+        # gradient's node computes instead of its planned one)
+        partial: dict[
+            str, tuple[tuple[CollectiveOp, ...], frozenset[int], ShardingSpec | None]
+        ] = {}
+        made: dict[str, tuple[str, int]] = {}  # value -> (producer, output index)
+        for name in planned:
+            node, np_ = self.nodes[name], self.stage.nodes[name]
+            made.update({v.name or "": (name, j) for j, v in enumerate(node.outputs)})
+            if self.phase[name] != "backward":
+                continue
+            if np_.collectives:
+                for j, v in enumerate(node.outputs):
+                    cs = [c for c in np_.collectives if c.output == j]
+                    if (
+                        cs
+                        and all(c.kind == "all_reduce" and c.reduce == "sum" for c in cs)
+                        and role_of(v) is not Role.GRAD
+                        and summed_into_gradient(v)
+                    ):
+                        ops = tuple(self._collective_op(node, c) for c in cs)
+                        axes = frozenset(a for c in cs for a in c.axes)
+                        partial[v.name or ""] = (ops, axes, None)
+            elif len(node.outputs) == 1 and (carried := self._passed_on(node, np_, partial, made)):
+                partial[node.outputs[0].name or ""] = carried
+        changed = True
+        while changed:  # drop what a non-summing reader, a send or a dropped addend would see
+            changed = False
+            for key in list(partial):
+                v = self.values[key]
+                readers = [u for u, _ in v.uses()]
+                if role_of(v) is Role.GRAD:
+                    keep = all(self.phase.get(u.name or "") == "update" for u in readers)
+                else:
+                    keep = all(u.outputs[0].name in partial for u in readers)
+                producer = v.producer()
+                if (
+                    keep
+                    and producer is not None
+                    and not self.stage.nodes[producer.name].collectives
+                ):
+                    np_ = self.stage.nodes[producer.name or ""]
+                    keep = self._passed_on(producer, np_, partial, made) == partial[key]
+                if not keep or key in sends:
+                    del partial[key]
+                    changed = True
+        self._unscattered = {
+            self.values[key].producer().name or "": before
+            for key, (_, _, before) in partial.items()
+            if before is not None
+        }
+        return {key: ops for key, (ops, _, _) in partial.items()}
+
+    def _passed_on(self, node: ir.Node, np_: NodePlan, partial, made):
+        """What ``node``'s output carries (as the values of ``partial``) when the partial sums
+        ``partial`` pass through it (see ``_summed_partials``), or None. A gradient split over
+        the sums' mesh axes (ZeRO) is computed unsplit there and reduce-scattered at the end."""
+        carried, specs = None, [parse(t) if t else None for t in np_.inputs]
+        for i, x in enumerate(node.inputs):
+            if x is None:
+                continue
+            mine = partial.get(x.name or "")
+            summing = passes_sums(node, i)
+            if mine is None:
+                if summing and not (i == 0 and node.op_type.startswith("Scatter") and is_zeros(x)):
+                    return None
+                continue
+            if not summing or (carried is not None and mine[:2] != carried[:2]):
+                return None
+            carried = mine
+        if carried is None or np_.local is not None:
+            return None
+        ops, axes, _ = carried
+        out = parse(np_.outputs[0])
+        scatter = bool(out.used_axes() & axes)
+        if scatter:
+            split = [d for d, on in enumerate(out.dims) if set(on) & axes]
+            if role_of(node.outputs[0]) is not Role.GRAD or len(ops) != 1 or len(split) != 1:
+                return None
+            if out.partial or out.dims[split[0]] != tuple(sorted(axes)):
+                return None
+            specs = [None if t is None else _without(t, axes) for t in specs]
+        for i, x in enumerate(node.inputs):
+            spec = specs[i] if i < len(specs) else None
+            if x is None or spec is None:
+                continue
+            if spec.used_axes() & axes:
+                return None
+            if (x.name or "") in partial:
+                src, j = made[x.name or ""]
+                if not same(parse(self.stage.nodes[src].outputs[j]), spec):
+                    return None
+        if not scatter:
+            return ops, axes, None
+        # the gradient's node computes it unsplit; its sum is reduce-scattered at the end
+        rs = (CollectiveOp("reduce_scatter", ops[0].group, "sum", split[0]),)
+        return rs, axes, ([None if t is None else str(t) for t in specs], _without(out, axes))
 
     def _send_instrs(self, tensor: str, items) -> list[Instr]:
         out: list[Instr] = []
@@ -764,7 +888,7 @@ class StageBuilder:
                 self._carried[user.name or ""] = mapped
                 # the reshape now runs on the partial sums, before any scatter
                 self.spec[v.name or ""] = unscattered(self.spec[v.name or ""], cs)
-            else:
+            elif (v.name or "") not in self._partial:  # else they run with its gradients'
                 instrs.append(Collect(v.name or "", ops))
         return instrs
 

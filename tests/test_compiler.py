@@ -104,6 +104,15 @@ def test_data_parallel_keeps_parameters_replicated(tmp_path):
     nodes = plan.stages[0].nodes
     (tie,) = [n for name, n in nodes.items() if name.startswith("alpa_tie/")]
     assert tie.outputs == ["R,R"] and nodes["/model/lm_head/MatMul"].resharding == 0
+    # The tied gradient is DDP's: the lm_head part and the embedding's scatter-add are partial
+    # sums over the batch split, all-reduced with the gradients' bucket (``summed_into_
+    # gradient``), so no activation is gathered to compute either.
+    for name in (
+        "grad//model/lm_head/MatMul/MatMul_1",
+        "grad//model/transformer/wte/Gather/ScatterElements",
+    ):
+        assert [c.kind for c in nodes[name].collectives] == ["all_reduce"], name
+        assert nodes[name].resharding == 0, name
 
 
 @pytest.mark.parametrize(

@@ -448,6 +448,46 @@ def test_reduce_scatters_of_reshaped_gradients_wait_for_the_bucketed_sync(plans)
     assert len(scattered) == len(program.grads) - 1  # all but the tied embedding's
 
 
+def test_partial_sums_summed_into_tied_gradients_wait_for_the_bucketed_sync(plans, tmp_path):
+    """GPT-2 ties lm_head to the token embedding: the lm_head weight's gradient (a partial
+    sum over the batch split), transposed, and the embedding's scatter-add (another) are
+    added into one gradient, as the position embedding's scatter-add takes a batch sum.
+    Under data parallelism their all-reduces wait for the step's bucketed sync, the ops
+    between running on partial sums; under ZeRO-2 the tied gradient is reduce-scattered
+    from its unsplit sum. A plan whose embedding scatter-add runs replicated would add a
+    complete tensor to a partial one: that all-reduce runs where planned (and ``verify``
+    still passes)."""
+    from runtime.partition import Collect
+
+    tie = "model.transformer.wte.weight.grad"
+
+    def program(plan_path: Path):
+        plan = load_plan(str(plan_path))
+        step = prepare_step(plan, str(FIXTURES / "gpt2.ts.onnx"))
+        built = build_stage(step.model, plan, 0, cpu_session)
+        micro = built.programs["forward"] + built.programs["backward"]
+        deferred = {g.key: [(op.kind, op.dim) for op in g.deferred] for g in built.grads}
+        return [i.key for i in micro if isinstance(i, Collect)], deferred
+
+    collected, deferred = program(plans("gpt2.ts", "data"))
+    assert collected == []
+    assert deferred[tie] == deferred["model.transformer.wpe.weight.grad"] == [("all_reduce", None)]
+    collected, deferred = program(plans("gpt2.ts", "zero2"))
+    assert deferred[tie] == [("reduce_scatter", 0)]
+    assert not [k for k in collected if "lm_head" in k or "wte" in k]
+
+    data = json.loads(plans("gpt2.ts", "data").read_text())
+    nodes = data["stages"][0]["nodes"]
+    scatter = nodes["grad//model/transformer/wte/Gather/ScatterElements"]
+    assert [c["kind"] for c in scatter["collectives"]] == ["all_reduce"]
+    scatter.update(inputs=["R,R"] * 3, outputs=["R,R"], collectives=[])
+    edited = tmp_path / "replicated-scatter.json"
+    edited.write_text(json.dumps(data))
+    collected, deferred = program(edited)
+    assert "grad//model/lm_head/MatMul/MatMul_1:0" in collected and deferred[tie] == []
+    _verify(edited, "gpt2.ts")
+
+
 def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans):
     sharded = _run(plans("gpt2.ts", "zero2"), "gpt2.ts", "--steps", "10")
     single = _run(plans("gpt2.ts", "single"), "gpt2.ts", "--steps", "10")
