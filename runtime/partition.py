@@ -716,7 +716,8 @@ class StageBuilder:
         reaches must take the same partial sums in every input that sums (a scatter-add's
         base may be zeros instead), arrive without resharding, split nothing over the sums'
         mesh axes, run its plain local program and no collectives of its own, up to
-        gradients that only the update reads. Value -> the collectives it still needs."""
+        gradients that only the update reads. Value -> the collectives it still needs; the
+        nodes of gradients reduce-scattered instead go to ``_unscattered``."""
         # value -> (collectives, their mesh axes, the unsplit spec a reduce-scattered
         # gradient's node computes instead of its planned one)
         partial: dict[
@@ -756,7 +757,7 @@ class StageBuilder:
                 if (
                     keep
                     and producer is not None
-                    and not self.stage.nodes[producer.name].collectives
+                    and not self.stage.nodes[producer.name or ""].collectives
                 ):
                     np_ = self.stage.nodes[producer.name or ""]
                     keep = self._passed_on(producer, np_, partial, made) == partial[key]
