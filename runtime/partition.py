@@ -723,10 +723,8 @@ class StageBuilder:
         partial: dict[
             str, tuple[tuple[CollectiveOp, ...], frozenset[int], ShardingSpec | None]
         ] = {}
-        made: dict[str, tuple[str, int]] = {}  # value -> (producer, output index)
         for name in planned:
             node, np_ = self.nodes[name], self.stage.nodes[name]
-            made.update({v.name or "": (name, j) for j, v in enumerate(node.outputs)})
             if self.phase[name] != "backward":
                 continue
             if np_.collectives:
@@ -741,7 +739,7 @@ class StageBuilder:
                         ops = tuple(self._collective_op(node, c) for c in cs)
                         axes = frozenset(a for c in cs for a in c.axes)
                         partial[v.name or ""] = (ops, axes, None)
-            elif len(node.outputs) == 1 and (carried := self._passed_on(node, np_, partial, made)):
+            elif len(node.outputs) == 1 and (carried := self._passed_on(node, np_, partial)):
                 partial[node.outputs[0].name or ""] = carried
         changed = True
         while changed:  # drop what a non-summing reader, a send or a dropped addend would see
@@ -760,7 +758,7 @@ class StageBuilder:
                     and not self.stage.nodes[producer.name or ""].collectives
                 ):
                     np_ = self.stage.nodes[producer.name or ""]
-                    keep = self._passed_on(producer, np_, partial, made) == partial[key]
+                    keep = self._passed_on(producer, np_, partial) == partial[key]
                 if not keep or key in sends:
                     del partial[key]
                     changed = True
@@ -771,7 +769,7 @@ class StageBuilder:
         }
         return {key: ops for key, (ops, _, _) in partial.items()}
 
-    def _passed_on(self, node: ir.Node, np_: NodePlan, partial, made):
+    def _passed_on(self, node: ir.Node, np_: NodePlan, partial):
         """What ``node``'s output carries (as the values of ``partial``) when the partial sums
         ``partial`` pass through it (see ``_summed_partials``), or None. A gradient split over
         the sums' mesh axes (ZeRO) is computed unsplit there and reduce-scattered at the end."""
@@ -807,8 +805,10 @@ class StageBuilder:
             if spec.used_axes() & axes:
                 return None
             if (x.name or "") in partial:
-                src, j = made[x.name or ""]
-                if not same(parse(self.stage.nodes[src].outputs[j]), spec):
+                src = x.producer()
+                assert src is not None  # partial sums are made by this stage's nodes
+                have = self.stage.nodes[src.name or ""].outputs[x.index() or 0]
+                if not same(parse(have), spec):
                     return None
         if not scatter:
             return ops, axes, None
