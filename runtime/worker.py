@@ -33,10 +33,10 @@ from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
 from runtime.buckets import BUCKETED, Synchronizer, bind
-from runtime.comm import Communicator, MpiCommunicator, mean_of, mesh_groups
-from runtime.data import load_batch, microbatch, synthetic_batch
+from runtime.comm import Communicator, MpiCommunicator, contiguous, mean_of, mesh_groups
+from runtime.data import load_batch, synthetic_batch
 from runtime.launch import PID_DIR
-from runtime.mesh import RankMesh, shard
+from runtime.mesh import RankMesh, block_index, shard
 from runtime.partition import (
     Collect,
     CollectiveOp,
@@ -136,7 +136,7 @@ class StageRunner:
         }
         self.timers = Timers()
         self.programs = {
-            phase: [self._bind(ins) for ins in self._batched(instrs)]
+            phase: [self._bind(ins, phase == "update") for ins in self._batched(instrs)]
             for phase, instrs in program.programs.items()
         }
         # the gradients' deferred collectives, and the loss's (see ``StageProgram.loss_sync``)
@@ -152,6 +152,31 @@ class StageRunner:
         self.assign_from = _values(keys)
         self.scaler = LossScaler() if program.half else None
         self.skipped = False  # the last step's update, skipped for non-finite gradients
+        self._feed_shapes: tuple | None = None  # the batch shapes ``_feed`` is worked out for
+        self._feed: list[tuple[str, list[tuple], bool]] = []
+
+    def _feeds(self, batch: dict[str, np.ndarray]) -> list[tuple[str, list[tuple], bool]]:
+        """Per data input: (name, this rank's block of each micro-batch as an index into the
+        whole batch, whether it is a zero addend), i.e. ``microbatch`` then ``shard``, worked
+        out once for the batch's shapes."""
+        shapes = tuple(batch[name].shape for name in self.p.data_specs)
+        if self._feed_shapes != shapes:
+            self._feed = []
+            for name, spec in self.p.data_specs.items():
+                rows, *rest = batch[name].shape
+                n, left = divmod(rows, self.m)
+                if left:
+                    raise UserError(
+                        f"{name}: dim 0 of the batch ({rows}) does not split into {self.m} "
+                        "micro-batches: pass a batch divisible by the plan's micro-batches"
+                    )
+                (first, *index), zero = block_index(spec, (n, *rest), self.p.mesh, self.p.device)
+                blocks = [
+                    (slice(m * n + first.start, m * n + first.stop), *index) for m in range(self.m)
+                ]
+                self._feed.append((name, blocks, zero))
+            self._feed_shapes = shapes
+        return self._feed
 
     def _batched(self, instrs: list[Instr]) -> list[Instr | list[Reshard]]:
         """Runs of consecutive, independent one-collective reshards (e.g. the all-gathers of
@@ -175,9 +200,12 @@ class StageRunner:
         group = tuple(self.p.mesh.group(self.p.device, (step.axis,)))
         return CollectiveOp(step.kind, group, "sum", step.dim)
 
-    def _bind(self, ins: Instr | list[Reshard]) -> tuple[str, Op]:
+    def _bind(self, ins: Instr | list[Reshard], once_per_step: bool) -> tuple[str, Op]:
         """(timer, callable) of one instruction; "compute" callables time themselves (only
-        the onnxruntime call), the others are timed whole by ``run``."""
+        the onnxruntime call), the others are timed whole by ``run``. ``once_per_step``: the
+        update's, whose bucketed results (the new parameters, which replace the state) may
+        live in buffers kept from step to step, as a framework updates parameters in place:
+        every reader of the last step's values is done by then."""
         comm = self.comm
         if isinstance(ins, Run):
             return "compute", self._bind_run(ins)
@@ -185,7 +213,8 @@ class StageRunner:
             ins = ins[0]
         if isinstance(ins, list):
             srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
-            synchronize = Synchronizer([[self._op(r.steps[0])] for r in ins], comm)
+            ops = [[self._op(r.steps[0])] for r in ins]
+            synchronize = Synchronizer(ops, comm, reuse=once_per_step)
 
             def bucketed(env: dict[str, np.ndarray], m: int) -> None:
                 env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
@@ -287,12 +316,13 @@ class StageRunner:
             seed = self.comm.to_device(
                 np.asarray(p.loss_seed * self.scaler.scale, p.loss_seed.dtype)
             )
+        feeds, to_device = self._feeds(batch), self.comm.to_device
         for task, m in schedule(kind, p.stage, stages, self.m):
             if task == "F":
-                mb = microbatch(batch, m, self.m)
                 env = envs[m] = dict(self.state)
-                for name, spec in p.data_specs.items():
-                    env[name] = self.comm.to_device(shard(mb[name], spec, p.mesh, p.device))
+                for name, blocks, zero in feeds:
+                    x = contiguous(batch[name][blocks[m]])
+                    env[name] = to_device(np.zeros_like(x) if zero else x)
                 if seed is not None:
                     env[LOSS_SEED] = seed
                 self.run("forward", env, m)
