@@ -78,8 +78,13 @@ def _leading(op: CollectiveOp, shape: tuple[int, ...]) -> int:
 
 
 def _bucket(members: list[int], ops: list[CollectiveOp], shapes: list[tuple[int, ...]]):
-    # tensors split along their first dim first: a reduce-scatter packs those in one call
-    order = sorted(range(len(members)), key=lambda j: _leading(ops[j], shapes[j]) != 1)
+    # tensors split along their first dim first: a reduce-scatter packs those in one call;
+    # then by shape, so that tensors of one shape lie side by side and an all-gather unpacks
+    # them with one copy (``_runs``)
+    order = sorted(
+        range(len(members)),
+        key=lambda j: (_leading(ops[j], shapes[j]) != 1, ops[j].dim or 0, shapes[j]),
+    )
     members, ops, shapes = ([x[j] for j in order] for x in (members, ops, shapes))
     p = len(ops[0].group)
     # reduce_scatter packs piece r of every tensor into row r: spans are per row
@@ -174,26 +179,45 @@ def bind_bucket(
             return scatter_into
         return lambda xs: _unpacked(b, scatter(send, dsts, xs).reshape(-1))
     if op.kind == "all_gather":
-        # every tensor is copied once, from the ranks' rows straight into its gathered layout
-        # (the ranks' pieces of a tensor split along its first dim follow each other); the
-        # send and receive buffers are used up within each call: kept either way
+        # one copy per run of same-shape tensors, from the ranks' rows straight into their
+        # gathered layout (the ranks' pieces of a tensor split along its first dim follow each
+        # other); the send and receive buffers are used up within each call: kept either way
         flat, everyone = xp.empty(total, dtype), xp.empty((p, total), dtype)
-        pieces = [
-            (g, everyone[:, a:e].reshape(p, pre, -1).transpose(1, 0, 2))
-            for g, (a, e), pre in zip([(pre, p, -1) for pre in pres], b.spans, pres, strict=True)
+        runs = _runs(b)
+        srcs = [
+            everyone[:, b.spans[j][0] : b.spans[j + k - 1][1]]
+            .reshape(p, k, pres[j], -1)
+            .transpose(1, 2, 0, 3)
+            for j, k in runs
         ]
 
-        def gather(xs: list[np.ndarray], results: list[np.ndarray]) -> list[np.ndarray]:
+        def gathered() -> tuple[list[np.ndarray], list[np.ndarray]]:
+            """Each run's (k, *result) buffer as (k, pre, p, chunk), and the results."""
+            bufs = [xp.empty((k, *b.results[j]), dtype) for j, k in runs]
+            dsts = [buf.reshape(k, pres[j], p, -1) for buf, (j, k) in zip(bufs, runs, strict=True)]
+            return dsts, [y for buf in bufs for y in buf]
+
+        def gather(xs: list[np.ndarray], dsts: list[np.ndarray]) -> None:
             xp.concatenate([x.reshape(-1) for x in xs], out=flat)
             comm.all_gather(flat, op.group, 0, out=everyone)
-            for y, (g, src) in zip(results, pieces, strict=True):
-                xp.copyto(y.reshape(g), src)
-            return results
+            for dst, src in zip(dsts, srcs, strict=True):
+                xp.copyto(dst, src)
 
         if reuse:
-            kept = [xp.empty(s, dtype) for s in b.results]
-            return lambda xs: gather(xs, kept)
-        return lambda xs: gather(xs, [xp.empty(s, dtype) for s in b.results])
+            kept, results = gathered()
+
+            def gather_into(xs: list[np.ndarray]) -> list[np.ndarray]:
+                gather(xs, kept)
+                return results
+
+            return gather_into
+
+        def gather_fresh(xs: list[np.ndarray]) -> list[np.ndarray]:
+            dsts, ys = gathered()
+            gather(xs, dsts)
+            return ys
+
+        return gather_fresh
     if reuse and op.kind == "all_reduce":
         # packed into a kept buffer and reduced in place: the results are views of it
         buffer = xp.empty(total, dtype)
@@ -211,6 +235,17 @@ def bind_bucket(
         return _unpacked(b, run_collective(op, flat, comm))
 
     return packed
+
+
+def _runs(b: Bucket) -> list[tuple[int, int]]:
+    """(first member, count) of each run of adjacent members with the same shape and dim."""
+    runs: list[tuple[int, int]] = []
+    for j, (shape, op) in enumerate(zip(b.shapes, b.ops, strict=True)):
+        if runs and (b.shapes[runs[-1][0]], b.ops[runs[-1][0]].dim) == (shape, op.dim):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((j, 1))
+    return runs
 
 
 def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:

@@ -82,6 +82,7 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     from runtime.partition import CollectiveOp as Op
     g1 = tuple(mesh.group(r, (1,)))
     shapes = [((4, 6), "f4"), ((2, 8), "f4"), ((6,), "f8"), ((4, 2), "f4"), ((2, 4), "f4")]
+    shapes += [((3, 4), "f4"), ((2, 4), "f4"), ((3, 4), "f4")]  # runs of one shape, one copy
     xs = [rng.standard_normal(s).astype(t) + r for s, t in shapes]
     ops = [
         [Op("all_reduce", g01, "mean", None), Op("all_gather", g0, "sum", 1)],
@@ -89,6 +90,9 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
         [Op("all_reduce", g01, "mean", None)],
         [Op("reduce_scatter", g0, "sum", 0), Op("broadcast", g1, "sum", None)],
         [Op("all_gather", g0, "sum", 0)],
+        [Op("all_gather", g0, "sum", 1)],
+        [Op("all_gather", g0, "sum", 0)],
+        [Op("all_gather", g0, "sum", 1)],
     ]
     want = []
     for x, chain in zip(xs, ops):
@@ -97,7 +101,7 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
         want.append(x)
     calls = comm.calls
     got = sync(xs, ops, comm)
-    assert comm.calls - calls == 6, comm.calls - calls  # 8 unbucketed
+    assert comm.calls - calls == 6, comm.calls - calls  # 11 unbucketed
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype and np.allclose(g, w)
     synchronize = Synchronizer(ops, comm, reuse=True)  # layout and buffers kept across calls
