@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import onnxruntime as ort
 
 from planner.errors import UserError
 from planner.graph import LOSS_SEED
@@ -32,6 +33,7 @@ from planner.plan_schema import Plan
 from planner.sharding import ShardingSpec
 from runtime import checkpoint, reshard
 from runtime.backend import BACKENDS, Backend, open_backend
+from runtime.bound_run import BoundRun
 from runtime.buckets import BUCKETED, Synchronizer, bind
 from runtime.comm import Communicator, MpiCommunicator, contiguous, mean_of, mesh_groups
 from runtime.data import load_batch, synthetic_batch
@@ -203,12 +205,14 @@ class StageRunner:
     def _bind(self, ins: Instr | list[Reshard], once_per_step: bool) -> tuple[str, Op]:
         """(timer, callable) of one instruction; "compute" callables time themselves (only
         the onnxruntime call), the others are timed whole by ``run``. ``once_per_step``: the
-        update's, whose bucketed results (the new parameters, which replace the state) may
-        live in buffers kept from step to step, as a framework updates parameters in place:
-        every reader of the last step's values is done by then."""
+        update's, whose results (the new parameters and optimizer state, which replace the
+        state) may live in buffers kept from step to step, as a framework updates its state
+        in place: its sessions run through kept bindings (``BoundRun``), its bucketed
+        all-gathers into kept buffers. Every reader of the last step's values is done by
+        then."""
         comm = self.comm
         if isinstance(ins, Run):
-            return "compute", self._bind_run(ins)
+            return "compute", self._bind_run(ins, once_per_step)
         if isinstance(ins, list) and len(ins) == 1:
             ins = ins[0]
         if isinstance(ins, list):
@@ -244,13 +248,24 @@ class StageRunner:
             return "p2p", send
         return "p2p", self._bind_recv(ins)
 
-    def _bind_run(self, ins: Run) -> Op:
+    def _bind_run(self, ins: Run, once_per_step: bool) -> Op:
         seg = ins.segment
         assert seg.session is not None
         inputs, outputs, t = tuple(seg.inputs), list(seg.outputs), self.timers
         session_run = _session_call(seg.session)
         clock = time.perf_counter
         take = _values(inputs)
+        if once_per_step and isinstance(seg.session, ort.InferenceSession):
+            bound = BoundRun(seg.session, inputs, outputs)
+
+            def run_bound(env: dict[str, np.ndarray], m: int) -> None:
+                bound.bind(take(env))
+                start = clock()
+                values = bound.run()
+                t.compute += clock() - start
+                env.update(zip(outputs, values, strict=True))
+
+            return run_bound
 
         def run(env: dict[str, np.ndarray], m: int) -> None:
             feeds = dict(zip(inputs, take(env), strict=True))
