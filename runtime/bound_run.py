@@ -52,6 +52,19 @@ class BoundRun:
                 self.bindings[k].bind_cpu_input(name, x)
         self.bound[k] = values
 
+    def place(self, where: dict[str, np.ndarray]) -> None:
+        """Write output ``name`` into ``where[name]`` from the next run on, in both sets (a
+        consumer's buffer, see ``runtime.buckets.Placed``): for outputs read only within
+        the step that makes them."""
+        for j, name in enumerate(self.outputs):
+            y = where.get(name)
+            if y is None or not self.sets:
+                continue
+            assert y.shape == self.sets[0][j].shape and y.dtype == self.sets[0][j].dtype
+            for binding, kept in zip(self.bindings, self.sets, strict=True):
+                binding.bind_output(name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
+                kept[j] = y
+
     def run(self) -> list[np.ndarray]:
         if not self.sets:
             first = self.session.run(self.outputs, self.first)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import is_
 from types import ModuleType
 
 import numpy as np
@@ -128,6 +129,19 @@ def layout(
 Packed = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A bound bucket whose members' producers may write them straight into ``places``
+    (views of the buffer the call sends, in the members' shapes): a call whose tensors are
+    those very arrays packs nothing, as DDP's gradients are views of its buckets."""
+
+    call: Packed
+    places: list[np.ndarray]
+
+    def __call__(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.call(xs)
+
+
 def bind_bucket(
     b: Bucket, dtype: np.dtype, xp: ModuleType, comm: Communicator, reuse: bool = False
 ) -> Packed:
@@ -197,8 +211,11 @@ def bind_bucket(
             dsts = [buf.reshape(k, pres[j], p, -1) for buf, (j, k) in zip(bufs, runs, strict=True)]
             return dsts, [y for buf in bufs for y in buf]
 
+        places = _unpacked(b, flat, b.shapes)
+
         def gather(xs: list[np.ndarray], dsts: list[np.ndarray]) -> None:
-            xp.concatenate([x.reshape(-1) for x in xs], out=flat)
+            if not all(map(is_, xs, places)):  # else written in place by their producer
+                xp.concatenate([x.reshape(-1) for x in xs], out=flat)
             comm.all_gather(flat, op.group, 0, out=everyone)
             for dst, src in zip(dsts, srcs, strict=True):
                 xp.copyto(dst, src)
@@ -210,7 +227,7 @@ def bind_bucket(
                 gather(xs, kept)
                 return results
 
-            return gather_into
+            return Placed(gather_into, places)
 
         def gather_fresh(xs: list[np.ndarray]) -> list[np.ndarray]:
             dsts, ys = gathered()
@@ -224,11 +241,12 @@ def bind_bucket(
         results = _unpacked(b, buffer)
 
         def reduce_in_place(xs: list[np.ndarray]) -> list[np.ndarray]:
-            xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
+            if not all(map(is_, xs, results)):  # else written in place by their producer
+                xp.concatenate([x.reshape(-1) for x in xs], out=buffer)
             comm.all_reduce(buffer, op.group, op.reduce, inplace=True)
             return results
 
-        return reduce_in_place
+        return Placed(reduce_in_place, results)
 
     def packed(xs: list[np.ndarray]) -> list[np.ndarray]:
         flat = xp.concatenate([x.reshape(-1) for x in xs])
@@ -248,9 +266,10 @@ def _runs(b: Bucket) -> list[tuple[int, int]]:
     return runs
 
 
-def _unpacked(b: Bucket, flat: np.ndarray) -> list[np.ndarray]:
-    """The members' results: views of the flat buffer the call returned."""
-    return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, b.results, strict=True)]
+def _unpacked(b: Bucket, flat: np.ndarray, shapes=None) -> list[np.ndarray]:
+    """The members' results (or other ``shapes``): views of the flat buffer of a call."""
+    shapes = b.results if shapes is None else shapes
+    return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, shapes, strict=True)]
 
 
 def sync(
@@ -284,6 +303,17 @@ class Synchronizer:
             (b.members, bind_bucket(b, dtypes[b.members[0]], xp, self.comm, self.reuse))
             for b in layout(self.ops, shapes, dtypes)
         ]
+
+    def places(self) -> dict[int, np.ndarray]:
+        """Where each tensor (by index) may be written by its producer so that its first
+        bucket packs nothing (``Placed``); empty until the first call lays them out."""
+        out: dict[int, np.ndarray] = {}
+        seen: set[int] = set()
+        for members, bound in self._bound or []:
+            if isinstance(bound, Placed) and not seen.intersection(members):
+                out.update(zip(members, bound.places, strict=True))
+            seen.update(members)
+        return out
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._bound is None:

@@ -137,6 +137,11 @@ class StageRunner:
             for name, spec in program.state_specs.items()
         }
         self.timers = Timers()
+        # the once-per-step sessions' outputs (``BoundRun``) and the once-per-step buckets
+        # that read them (``_place``)
+        self.producers: dict[str, BoundRun] = {}
+        self.consumers: list[tuple[list[str], Synchronizer]] = []
+        self.placed = False
         self.programs = {
             phase: [self._bind(ins, phase == "update") for ins in self._batched(instrs)]
             for phase, instrs in program.programs.items()
@@ -147,6 +152,9 @@ class StageRunner:
             chains.append(program.loss_sync)
         self.grad_sync = Synchronizer(chains, comm, reuse=True)
         self.grad_keys = [g.key for g in program.grads]
+        sync_keys = self.grad_keys + ([program.loss] if program.loss is not None else [])
+        if microbatches == 1:  # the gradients are the backward's outputs themselves
+            self.consumers.append((sync_keys, self.grad_sync))
         self.grad_values = _values(self.grad_keys)
         # the state the update replaces, and (one C call) the update's results that replace it
         self.assigned = [state for _, state in program.assigns]
@@ -156,6 +164,18 @@ class StageRunner:
         self.skipped = False  # the last step's update, skipped for non-finite gradients
         self._feed_shapes: tuple | None = None  # the batch shapes ``_feed`` is worked out for
         self._feed: list[tuple[str, list[tuple], bool]] = []
+
+    def _place(self) -> None:
+        """After the first step, when every bucket is laid out: the once-per-step sessions
+        write the tensors that such a bucket packs straight into its buffer (see
+        ``runtime.buckets.Placed``), unless they become state (read again next step)."""
+        self.placed = True
+        kept = {key for key, _ in self.p.assigns}
+        for keys, synchronize in self.consumers:
+            places = synchronize.places()
+            for i, key in enumerate(keys):
+                if i in places and key in self.producers and key not in kept:
+                    self.producers[key].place({key: places[i]})
 
     def _feeds(self, batch: dict[str, np.ndarray]) -> list[tuple[str, list[tuple], bool]]:
         """Per data input: (name, this rank's block of each micro-batch as an index into the
@@ -219,6 +239,8 @@ class StageRunner:
             srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
             ops = [[self._op(r.steps[0])] for r in ins]
             synchronize = Synchronizer(ops, comm, reuse=once_per_step)
+            if once_per_step:
+                self.consumers.append((srcs, synchronize))
 
             def bucketed(env: dict[str, np.ndarray], m: int) -> None:
                 env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
@@ -255,8 +277,9 @@ class StageRunner:
         session_run = _session_call(seg.session)
         clock = time.perf_counter
         take = _values(inputs)
-        if once_per_step and isinstance(seg.session, ort.InferenceSession):
+        if (once_per_step or self.m == 1) and isinstance(seg.session, ort.InferenceSession):
             bound = BoundRun(seg.session, inputs, outputs)
+            self.producers.update(dict.fromkeys(outputs, bound))
 
             def run_bound(env: dict[str, np.ndarray], m: int) -> None:
                 bound.bind(take(env))
@@ -378,6 +401,8 @@ class StageRunner:
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
         loss = float(synced[-1]) / p.loss_divisor if p.loss is not None else None
+        if not self.placed:
+            self._place()
         return loss, step_env
 
     def gather(self, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:

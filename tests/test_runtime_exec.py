@@ -83,6 +83,7 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
     g1 = tuple(mesh.group(r, (1,)))
     shapes = [((4, 6), "f4"), ((2, 8), "f4"), ((6,), "f8"), ((4, 2), "f4"), ((2, 4), "f4")]
     shapes += [((3, 4), "f4"), ((2, 4), "f4"), ((3, 4), "f4")]  # runs of one shape, one copy
+    shapes += [((5,), "f4")]
     xs = [rng.standard_normal(s).astype(t) + r for s, t in shapes]
     ops = [
         [Op("all_reduce", g01, "mean", None), Op("all_gather", g0, "sum", 1)],
@@ -93,6 +94,7 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
         [Op("all_gather", g0, "sum", 1)],
         [Op("all_gather", g0, "sum", 0)],
         [Op("all_gather", g0, "sum", 1)],
+        [Op("all_reduce", g01, "mean", None)],
     ]
     want = []
     for x, chain in zip(xs, ops):
@@ -101,12 +103,23 @@ def test_collectives_and_reshard_on_2x2_mesh_match_numpy():
         want.append(x)
     calls = comm.calls
     got = sync(xs, ops, comm)
-    assert comm.calls - calls == 6, comm.calls - calls  # 11 unbucketed
+    assert comm.calls - calls == 6, comm.calls - calls  # 12 unbucketed
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype and np.allclose(g, w)
     synchronize = Synchronizer(ops, comm, reuse=True)  # layout and buffers kept across calls
     for _ in range(2):
         for g, w in zip(synchronize(xs), want):
+            assert g.shape == w.shape and np.allclose(g, w)
+    # tensors their producers wrote straight into the buckets' buffers are not packed: the
+    # first collectives' all-reduce and all-gather buckets of several tensors offer places
+    places = synchronize.places()
+    assert sorted(places) == [0, 4, 5, 6, 7, 8], sorted(places)
+    placed = list(xs)
+    for i, where in places.items():
+        where[...] = xs[i]
+        placed[i] = where
+    for _ in range(2):
+        for g, w in zip(synchronize(placed), want):
             assert g.shape == w.shape and np.allclose(g, w)
     print("ok", r)
     """
