@@ -32,7 +32,7 @@ class BoundRun:
     def __init__(self, session, inputs: Sequence[str], outputs: Sequence[str]):
         self.session, self.inputs, self.outputs = session, tuple(inputs), list(outputs)
         self.bindings = [session.io_binding(), session.io_binding()]
-        self.bound: list[tuple[np.ndarray, ...] | None] = [None, None]  # kept alive: by pointer
+        self.bound: list[list[np.ndarray] | None] = [None, None]  # kept alive: by pointer
         self.sets: list[list[np.ndarray]] = []
         self.turn = 0
         self.first: dict[str, np.ndarray] = {}
@@ -44,13 +44,18 @@ class BoundRun:
             return
         k = self.turn
         bound = self.bound[k]
-        if bound is not None and all(map(is_, values, bound)):
-            return
-        values = tuple(contiguous(x) for x in values)
-        for j, (name, x) in enumerate(zip(self.inputs, values, strict=True)):
-            if bound is None or x is not bound[j]:
-                self.bindings[k].bind_cpu_input(name, x)
-        self.bound[k] = values
+        if bound is None:
+            changed, bound = range(len(values)), [None] * len(values)
+        else:
+            same = list(map(is_, values, bound))
+            if all(same):
+                return
+            changed = [j for j, kept in enumerate(same) if not kept]
+        bound = list(bound)
+        for j in changed:
+            bound[j] = contiguous(values[j])
+            self.bindings[k].bind_cpu_input(self.inputs[j], bound[j])
+        self.bound[k] = bound
 
     def place(self, where: dict[str, np.ndarray]) -> None:
         """Write output ``name`` into ``where[name]`` from the next run on, in both sets (a

@@ -152,7 +152,7 @@ def bind_bucket(
     call (see ``Synchronizer``); otherwise each call allocates them."""
     op = b.ops[0]
     p = len(op.group)
-    if len(b.members) == 1 or p == 1:
+    if p == 1 or (len(b.members) == 1 and not (reuse and op.kind == "all_gather")):
         ops = b.ops
         return lambda xs: [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
     total = b.spans[-1][1]

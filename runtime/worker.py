@@ -94,6 +94,7 @@ class Job:
 
 
 Op = Callable[[dict[str, np.ndarray], int], None]  # (env, micro-batch) -> None
+Feed = tuple[str, list[tuple], bool, np.ndarray | None]  # see ``StageRunner._feeds``
 
 
 def _session_call(session) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]:
@@ -143,7 +144,7 @@ class StageRunner:
         self.consumers: list[tuple[list[str], Synchronizer]] = []
         self.placed = False
         self.programs = {
-            phase: [self._bind(ins, phase == "update") for ins in self._batched(instrs)]
+            phase: [self._bind(ins, self._once_per_step(phase)) for ins in self._batched(instrs)]
             for phase, instrs in program.programs.items()
         }
         # the gradients' deferred collectives, and the loss's (see ``StageProgram.loss_sync``)
@@ -163,7 +164,7 @@ class StageRunner:
         self.scaler = LossScaler() if program.half else None
         self.skipped = False  # the last step's update, skipped for non-finite gradients
         self._feed_shapes: tuple | None = None  # the batch shapes ``_feed`` is worked out for
-        self._feed: list[tuple[str, list[tuple], bool]] = []
+        self._feed: list[Feed] = []
 
     def _place(self) -> None:
         """After the first step, when every bucket is laid out: the once-per-step sessions
@@ -177,10 +178,12 @@ class StageRunner:
                 if i in places and key in self.producers and key not in kept:
                     self.producers[key].place({key: places[i]})
 
-    def _feeds(self, batch: dict[str, np.ndarray]) -> list[tuple[str, list[tuple], bool]]:
+    def _feeds(self, batch: dict[str, np.ndarray]) -> list[Feed]:
         """Per data input: (name, this rank's block of each micro-batch as an index into the
-        whole batch, whether it is a zero addend), i.e. ``microbatch`` then ``shard``, worked
-        out once for the batch's shapes."""
+        whole batch, whether it is a zero addend, a kept buffer to copy it into or None),
+        i.e. ``microbatch`` then ``shard``, worked out once for the batch's shapes. With one
+        micro-batch the block lands in a buffer kept from step to step (a zero addend: kept
+        zeros), which a kept binding (``BoundRun``) keeps reading."""
         shapes = tuple(batch[name].shape for name in self.p.data_specs)
         if self._feed_shapes != shapes:
             self._feed = []
@@ -196,7 +199,11 @@ class StageRunner:
                 blocks = [
                     (slice(m * n + first.start, m * n + first.stop), *index) for m in range(self.m)
                 ]
-                self._feed.append((name, blocks, zero))
+                kept = None
+                if self.m == 1:
+                    block = batch[name][blocks[0]]
+                    kept = np.zeros(block.shape, block.dtype) if zero else np.empty_like(block)
+                self._feed.append((name, blocks, zero, kept))
             self._feed_shapes = shapes
         return self._feed
 
@@ -222,36 +229,39 @@ class StageRunner:
         group = tuple(self.p.mesh.group(self.p.device, (step.axis,)))
         return CollectiveOp(step.kind, group, "sum", step.dim)
 
+    def _once_per_step(self, phase: str) -> bool:
+        """Whether ``phase``'s instructions run once per step: the update's, and with one
+        micro-batch the forward's and backward's (not the prologue's, whose results become
+        state before the step reads them)."""
+        return phase == "update" or (self.m == 1 and phase in ("forward", "backward"))
+
     def _bind(self, ins: Instr | list[Reshard], once_per_step: bool) -> tuple[str, Op]:
         """(timer, callable) of one instruction; "compute" callables time themselves (only
-        the onnxruntime call), the others are timed whole by ``run``. ``once_per_step``: the
-        update's, whose results (the new parameters and optimizer state, which replace the
-        state) may live in buffers kept from step to step, as a framework updates its state
-        in place: its sessions run through kept bindings (``BoundRun``), its bucketed
-        all-gathers into kept buffers. Every reader of the last step's values is done by
-        then."""
+        the onnxruntime call), the others are timed whole by ``run``. ``once_per_step``
+        (``_once_per_step``): its results may live in buffers kept from step to step, as a
+        framework updates its state in place, since every reader of the last step's values
+        is done by then: sessions run through kept bindings (``BoundRun``), bucketed
+        collectives and all-gathers land in kept buffers."""
         comm = self.comm
         if isinstance(ins, Run):
             return "compute", self._bind_run(ins, once_per_step)
         if isinstance(ins, list) and len(ins) == 1:
             ins = ins[0]
         if isinstance(ins, list):
-            srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
             ops = [[self._op(r.steps[0])] for r in ins]
-            synchronize = Synchronizer(ops, comm, reuse=once_per_step)
-            if once_per_step:
-                self.consumers.append((srcs, synchronize))
-
-            def bucketed(env: dict[str, np.ndarray], m: int) -> None:
-                env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
-
-            return "collective", bucketed
+            srcs, dsts = [r.src for r in ins], [r.dst for r in ins]
+            return self._bind_bucketed(srcs, dsts, ops, once_per_step)
         if isinstance(ins, Reshard | Collect):
+            steps = ins.steps if isinstance(ins, Reshard) else []
+            single = len(steps) == 1 and steps[0].kind == "all_gather"
+            chain = ins.ops if isinstance(ins, Collect) else [self._op(steps[0])] if single else []
+            src, dst = (ins.src, ins.dst) if isinstance(ins, Reshard) else (ins.key, ins.key)
+            if once_per_step and len(chain) == 1 and chain[0].kind == "all_gather":
+                # a bucket of one, into kept buffers: a result a kept binding can keep reading
+                return self._bind_bucketed([src], [dst], [chain], True)
             if isinstance(ins, Reshard):
-                src, dst = ins.src, ins.dst
                 fn = reshard.bind(ins.steps, self.p.mesh, self.p.device, comm)
             else:
-                src = dst = ins.key
                 fn = reshard.compose([bind(op, comm) for op in ins.ops])
 
             def convert(env: dict[str, np.ndarray], m: int) -> None:
@@ -270,6 +280,21 @@ class StageRunner:
             return "p2p", send
         return "p2p", self._bind_recv(ins)
 
+    def _bind_bucketed(
+        self, srcs: list[str], dsts: list[str], ops: list[list[CollectiveOp]], kept: bool
+    ) -> tuple[str, Op]:
+        """Collectives ``ops[i]`` of ``env[srcs[i]]`` into ``env[dsts[i]]``, bucketed;
+        ``kept``: into buffers kept from call to call, which producers may write into
+        (``_place``)."""
+        synchronize = Synchronizer(ops, self.comm, reuse=kept)
+        if kept:
+            self.consumers.append((srcs, synchronize))
+
+        def bucketed(env: dict[str, np.ndarray], m: int) -> None:
+            env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
+
+        return "collective", bucketed
+
     def _bind_run(self, ins: Run, once_per_step: bool) -> Op:
         seg = ins.segment
         assert seg.session is not None
@@ -277,7 +302,7 @@ class StageRunner:
         session_run = _session_call(seg.session)
         clock = time.perf_counter
         take = _values(inputs)
-        if (once_per_step or self.m == 1) and isinstance(seg.session, ort.InferenceSession):
+        if once_per_step and isinstance(seg.session, ort.InferenceSession):
             bound = BoundRun(seg.session, inputs, outputs)
             self.producers.update(dict.fromkeys(outputs, bound))
 
@@ -358,9 +383,13 @@ class StageRunner:
         for task, m in schedule(kind, p.stage, stages, self.m):
             if task == "F":
                 env = envs[m] = dict(self.state)
-                for name, blocks, zero in feeds:
-                    x = contiguous(batch[name][blocks[m]])
-                    env[name] = to_device(np.zeros_like(x) if zero else x)
+                for name, blocks, zero, kept in feeds:
+                    if kept is None:
+                        x = contiguous(batch[name][blocks[m]])
+                        x = np.zeros_like(x) if zero else x
+                    elif not zero:
+                        np.copyto(kept, batch[name][blocks[m]])
+                    env[name] = to_device(x if kept is None else kept)
                 if seed is not None:
                     env[LOSS_SEED] = seed
                 self.run("forward", env, m)
