@@ -33,7 +33,7 @@ class BoundRun:
         self.session, self.inputs, self.outputs = session, tuple(inputs), list(outputs)
         self.bindings = [session.io_binding(), session.io_binding()]
         self.bound: list[list[np.ndarray] | None] = [None, None]  # kept alive: by pointer
-        self.sets: list[list[np.ndarray]] = []
+        self.sets: list[dict[str, np.ndarray]] = []  # output name -> kept buffer
         self.turn = 0
         self.first: dict[str, np.ndarray] = {}
 
@@ -46,11 +46,10 @@ class BoundRun:
         bound = self.bound[k]
         if bound is None:
             changed, bound = range(len(values)), [None] * len(values)
+        elif all(map(is_, values, bound)):
+            return
         else:
-            same = list(map(is_, values, bound))
-            if all(same):
-                return
-            changed = [j for j, kept in enumerate(same) if not kept]
+            changed = [j for j, kept in enumerate(map(is_, values, bound)) if not kept]
         bound = list(bound)
         for j in changed:
             bound[j] = contiguous(values[j])
@@ -61,22 +60,22 @@ class BoundRun:
         """Write output ``name`` into ``where[name]`` from the next run on, in both sets (a
         consumer's buffer, see ``runtime.buckets.Placed``): for outputs read only within
         the step that makes them."""
-        for j, name in enumerate(self.outputs):
-            y = where.get(name)
-            if y is None or not self.sets:
+        for name, y in where.items():
+            if name not in self.outputs or not self.sets:
                 continue
-            assert y.shape == self.sets[0][j].shape and y.dtype == self.sets[0][j].dtype
+            assert y.shape == self.sets[0][name].shape and y.dtype == self.sets[0][name].dtype
             for binding, kept in zip(self.bindings, self.sets, strict=True):
                 binding.bind_output(name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
-                kept[j] = y
+                kept[name] = y
 
-    def run(self) -> list[np.ndarray]:
+    def run(self) -> dict[str, np.ndarray]:
+        """The outputs by name."""
         if not self.sets:
-            first = self.session.run(self.outputs, self.first)
+            first = dict(zip(self.outputs, self.session.run(self.outputs, self.first), strict=True))
             self.first = {}
             for binding in self.bindings:
-                kept = [np.empty_like(y) for y in first]
-                for name, y in zip(self.outputs, kept, strict=True):
+                kept = {name: np.empty_like(y) for name, y in first.items()}
+                for name, y in kept.items():
                     binding.bind_output(name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
                 self.sets.append(kept)
             return first

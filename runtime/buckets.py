@@ -214,9 +214,12 @@ def bind_bucket(
         places = _unpacked(b, flat, b.shapes)
 
         def gather(xs: list[np.ndarray], dsts: list[np.ndarray]) -> None:
-            if not all(map(is_, xs, places)):  # else written in place by their producer
+            send = flat
+            if len(xs) == 1 and xs[0].flags.c_contiguous:
+                send = xs[0].reshape(-1)  # nothing to pack
+            elif not all(map(is_, xs, places)):  # else written in place by their producer
                 xp.concatenate([x.reshape(-1) for x in xs], out=flat)
-            comm.all_gather(flat, op.group, 0, out=everyone)
+            comm.all_gather(send, op.group, 0, out=everyone)
             for dst, src in zip(dsts, srcs, strict=True):
                 xp.copyto(dst, src)
 

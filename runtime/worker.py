@@ -311,7 +311,7 @@ class StageRunner:
                 start = clock()
                 values = bound.run()
                 t.compute += clock() - start
-                env.update(zip(outputs, values, strict=True))
+                env.update(values)
 
             return run_bound
 
