@@ -505,10 +505,18 @@ def test_partial_sums_summed_into_tied_gradients_wait_for_the_bucketed_sync(plan
     _verify(edited, "gpt2.ts")
 
 
-def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans):
-    sharded = _run(plans("gpt2.ts", "zero2"), "gpt2.ts", "--steps", "10")
-    single = _run(plans("gpt2.ts", "single"), "gpt2.ts", "--steps", "10")
-    assert len(sharded["losses"]) == 10
+@pytest.mark.parametrize(
+    "fixture, method, steps",
+    [("gpt2.ts", "zero2", 10), ("llama.dynamo", "auto-2", 5), ("wrn.dynamo_noopt", "zero3", 4)],
+)
+def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans, fixture, method, steps):
+    """Over several steps, so that what the executor keeps from step to step is exercised:
+    the update's kept bindings and all-gather buffers (every plan), and with one
+    micro-batch (auto-2, zero3) every session's kept bindings, all-gathers in kept buffers
+    and gradients written straight into their bucket."""
+    sharded = _run(plans(fixture, method), fixture, "--steps", str(steps))
+    single = _run(plans(fixture, "single"), fixture, "--steps", str(steps))
+    assert len(sharded["losses"]) == steps
     assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-4)
     stage = sharded["stages"][0]
     assert set(stage["predicted"]) >= {"compute", "communication", "bubble"}
