@@ -231,8 +231,8 @@ class StageRunner:
 
     def _once_per_step(self, phase: str) -> bool:
         """Whether ``phase``'s instructions run once per step: the update's, and with one
-        micro-batch the forward's and backward's (not the prologue's, whose results become
-        state before the step reads them)."""
+        micro-batch the forward's and backward's (not the prologue's, kept as it is: its
+        results become state, which its next run reads)."""
         return phase == "update" or (self.m == 1 and phase in ("forward", "backward"))
 
     def _bind(self, ins: Instr | list[Reshard], once_per_step: bool) -> tuple[str, Op]:
