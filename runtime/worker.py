@@ -406,7 +406,9 @@ class StageRunner:
                         acc[g.key] += env[g.key]
                     else:
                         acc[g.key] = env[g.key].copy()
-        step_env = dict(self.state)
+        # the update's env: the state and the synced gradients (with one micro-batch, the
+        # micro-batch's own env, which holds the same state)
+        step_env = acc if self.m == 1 else dict(self.state)
         start = time.perf_counter()
         grads = p.grads
         if self.m > 1:
