@@ -38,6 +38,7 @@ class BoundRun:
         self.sets: list[dict[str, np.ndarray]] = []  # output name -> kept buffer
         self.turn = 0
         self.first: dict[str, np.ndarray] = {}
+        self.first_outputs: dict[str, np.ndarray] = {}  # the plain run's, until ``place``
 
     def bind(self, values: Sequence[np.ndarray]) -> None:
         """Point the next run's inputs at ``values`` (re-binding only the changed ones)."""
@@ -63,8 +64,6 @@ class BoundRun:
         consumer's buffer, see ``runtime.buckets.Placed``): for outputs read only within
         the step that makes them."""
         for name, y in where.items():
-            if name not in self.outputs or not self.sets:
-                continue
             assert y.shape == self.sets[0][name].shape and y.dtype == self.sets[0][name].dtype
             for binding, kept in zip(self.bindings, self.sets, strict=True):
                 binding.bind_output(name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
@@ -74,7 +73,7 @@ class BoundRun:
         """The outputs by name."""
         if not self.sets:
             first = dict(zip(self.outputs, self.session.run(self.outputs, self.first), strict=True))
-            self.first = {}
+            self.first, self.first_outputs = {}, first
             for binding in self.bindings:
                 kept = {name: np.empty_like(y) for name, y in first.items()}
                 for name, y in kept.items():

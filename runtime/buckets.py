@@ -298,6 +298,7 @@ class Synchronizer:
     ):
         self.ops, self.comm, self.reuse = ops, comm, reuse
         self._bound: list[tuple[tuple[int, ...], Packed]] | None = None
+        self.first_inputs: list[np.ndarray] = []  # the first call's, until ``places``
 
     def _bind(self, xs: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], Packed]]:
         shapes, dtypes = [x.shape for x in xs], [x.dtype for x in xs]
@@ -321,6 +322,7 @@ class Synchronizer:
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._bound is None:
             self._bound = self._bind(xs)
+            self.first_inputs = list(xs)
         out = list(xs)
         for members, bound in self._bound:
             for i, y in zip(members, bound([out[i] for i in members]), strict=True):

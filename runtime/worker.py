@@ -169,14 +169,22 @@ class StageRunner:
     def _place(self) -> None:
         """After the first step, when every bucket is laid out: the once-per-step sessions
         write the tensors that such a bucket packs straight into its buffer (see
-        ``runtime.buckets.Placed``), unless they become state (read again next step)."""
+        ``runtime.buckets.Placed``), where the first step's bucket packed that session's
+        very output (not a value a later instruction made under its key) and it does not
+        become state (read again next step)."""
         self.placed = True
         kept = {key for key, _ in self.p.assigns}
         for keys, synchronize in self.consumers:
-            places = synchronize.places()
+            places, first = synchronize.places(), synchronize.first_inputs
             for i, key in enumerate(keys):
-                if i in places and key in self.producers and key not in kept:
-                    self.producers[key].place({key: places[i]})
+                producer = self.producers.get(key)
+                if i not in places or producer is None or key in kept:
+                    continue
+                if first[i] is producer.first_outputs.get(key):
+                    producer.place({key: places[i]})
+            synchronize.first_inputs = []
+        for producer in self.producers.values():
+            producer.first_outputs = {}
 
     def _feeds(self, batch: dict[str, np.ndarray]) -> list[Feed]:
         """Per data input: (name, this rank's block of each micro-batch as an index into the

@@ -322,6 +322,10 @@ METHODS = {
     + ["--pp", "1"],
     "pipeline": ["--cluster", "cpu:2x2", "--method", "megatron", "--dp", "1", "--tp", "2"]
     + ["--pp", "2", "--microbatches", "4"],
+    # data x tensor parallel: bias gradients reduce-scattered under their own key after the
+    # session that makes them (a bucket must not place that session's output)
+    "megatron-2x2": ["--cluster", "cpu:4", "--method", "megatron", "--dp", "2", "--tp", "2"]
+    + ["--pp", "1"],
     "auto-2": ["--cluster", "cpu:2"],  # the demo's: slices in every phase (auto chose ZeRO)
     "auto-2x2": ["--cluster", "cpu:2x2", "--microbatches", "4"],
     "auto-4": ["--cluster", "cpu:4"],
@@ -344,6 +348,7 @@ FAST = [
     ("wrn.dynamo_noopt", "auto-4"),
     ("gpt2.ts", "fp16-pipeline"),
     ("gpt2.ts", "auto-2"),
+    ("gpt2.ts", "megatron-2x2"),
 ]
 SLOW = [
     (f, m)
