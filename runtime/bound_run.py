@@ -38,7 +38,7 @@ class BoundRun:
         self.sets: list[dict[str, np.ndarray]] = []  # output name -> kept buffer
         self.turn = 0
         self.first: dict[str, np.ndarray] = {}
-        self.first_outputs: dict[str, np.ndarray] = {}  # the plain run's, until ``place``
+        self.first_outputs: dict[str, np.ndarray] = {}  # the plain run's; the caller drops them
 
     def bind(self, values: Sequence[np.ndarray]) -> None:
         """Point the next run's inputs at ``values`` (re-binding only the changed ones)."""

@@ -269,7 +269,9 @@ def _runs(b: Bucket) -> list[tuple[int, int]]:
     return runs
 
 
-def _unpacked(b: Bucket, flat: np.ndarray, shapes=None) -> list[np.ndarray]:
+def _unpacked(
+    b: Bucket, flat: np.ndarray, shapes: Sequence[tuple[int, ...]] | None = None
+) -> list[np.ndarray]:
     """The members' results (or other ``shapes``): views of the flat buffer of a call."""
     shapes = b.results if shapes is None else shapes
     return [flat[a:e].reshape(s) for (a, e), s in zip(b.spans, shapes, strict=True)]
@@ -298,7 +300,9 @@ class Synchronizer:
     ):
         self.ops, self.comm, self.reuse = ops, comm, reuse
         self._bound: list[tuple[tuple[int, ...], Packed]] | None = None
-        self.first_inputs: list[np.ndarray] = []  # the first call's, until ``places``
+        # with ``reuse``, the first call's tensors: which of them were their producers' own
+        # outputs decides where producers may write (``places``); the caller drops them
+        self.first_inputs: list[np.ndarray] = []
 
     def _bind(self, xs: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], Packed]]:
         shapes, dtypes = [x.shape for x in xs], [x.dtype for x in xs]
@@ -322,7 +326,8 @@ class Synchronizer:
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._bound is None:
             self._bound = self._bind(xs)
-            self.first_inputs = list(xs)
+            if self.reuse:
+                self.first_inputs = list(xs)
         out = list(xs)
         for members, bound in self._bound:
             for i, y in zip(members, bound([out[i] for i in members]), strict=True):

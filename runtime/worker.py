@@ -183,6 +183,7 @@ class StageRunner:
                 if first[i] is producer.first_outputs.get(key):
                     producer.place({key: places[i]})
             synchronize.first_inputs = []
+        self.grad_sync.first_inputs = []  # a consumer only with one micro-batch
         for producer in self.producers.values():
             producer.first_outputs = {}
 
