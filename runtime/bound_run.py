@@ -39,6 +39,7 @@ class BoundRun:
         self.turn = 0
         self.first: dict[str, np.ndarray] = {}
         self.first_outputs: dict[str, np.ndarray] = {}  # the plain run's; the caller drops them
+        self.rebound = -1  # inputs the last ``bind`` re-bound (-1: all, the first run's plain)
 
     def bind(self, values: Sequence[np.ndarray]) -> None:
         """Point the next run's inputs at ``values`` (re-binding only the changed ones)."""
@@ -50,6 +51,7 @@ class BoundRun:
         if bound is None:
             changed, bound = range(len(values)), [None] * len(values)
         elif all(map(is_, values, bound)):
+            self.rebound = 0
             return
         else:
             changed = [j for j, kept in enumerate(map(is_, values, bound)) if not kept]
@@ -58,6 +60,7 @@ class BoundRun:
             bound[j] = contiguous(values[j])
             self.bindings[k].bind_cpu_input(self.inputs[j], bound[j])
         self.bound[k] = bound
+        self.rebound = len(changed)
 
     def place(self, where: dict[str, np.ndarray]) -> None:
         """Write output ``name`` into ``where[name]`` from the next run on, in both sets (a
@@ -84,3 +87,10 @@ class BoundRun:
         self.session.run_with_iobinding(self.bindings[k])
         self.turn = 1 - k
         return self.sets[k]
+
+    def replay(self) -> None:
+        """``run`` on the inputs bound at this turn, which the caller knows are unchanged
+        (``runtime.replay``): its outputs are where they were two runs ago."""
+        k = self.turn
+        self.session.run_with_iobinding(self.bindings[k])
+        self.turn = 1 - k

@@ -53,6 +53,7 @@ from runtime.partition import (
 )
 from runtime.pipeline import schedule
 from runtime.precision import HALF, LossScaler
+from runtime.replay import Recorder, Replay, Traced
 from runtime.step import PreparedStep, prepare_step
 
 VERIFY_TAG = (1 << 20) + 1
@@ -143,6 +144,7 @@ class StageRunner:
         self.producers: dict[str, BoundRun] = {}
         self.consumers: list[tuple[list[str], Synchronizer]] = []
         self.placed = False
+        self.traced: dict[Op, Traced] = {}  # what ``Recorder`` can replay, by callable
         self.programs = {
             phase: [self._bind(ins, self._once_per_step(phase)) for ins in self._batched(instrs)]
             for phase, instrs in program.programs.items()
@@ -165,6 +167,16 @@ class StageRunner:
         self.skipped = False  # the last step's update, skipped for non-finite gradients
         self._feed_shapes: tuple | None = None  # the batch shapes ``_feed`` is worked out for
         self._feed: list[Feed] = []
+        # with one micro-batch, once every buffer is kept, the step is replayed (see
+        # ``runtime.replay``) while the data lands in the same buffers (``_replay_feed``)
+        self.recorder = None
+        if microbatches == 1 and not self.programs["prologue"] and self.scaler is None:
+            phases = {
+                phase: [(kind, self.traced.get(fn)) for kind, fn in ops]
+                for phase, ops in self.programs.items()
+            }
+            self.recorder = Recorder(phases, self.assigned, program.loss is not None)
+        self._replay_feed: list[Feed] | None = None
 
     def _place(self) -> None:
         """After the first step, when every bucket is laid out: the once-per-step sessions
@@ -296,13 +308,21 @@ class StageRunner:
         ``kept``: into buffers kept from call to call, which producers may write into
         (``_place``)."""
         synchronize = Synchronizer(ops, self.comm, reuse=kept)
-        if kept:
-            self.consumers.append((srcs, synchronize))
+        if not kept:
 
-        def bucketed(env: dict[str, np.ndarray], m: int) -> None:
-            env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
+            def bucketed(env: dict[str, np.ndarray], m: int) -> None:
+                env.update(zip(dsts, synchronize([env[k] for k in srcs]), strict=True))
 
-        return "collective", bucketed
+            return "collective", bucketed
+        self.consumers.append((srcs, synchronize))
+        traced = Traced(bucket=synchronize)
+
+        def bucketed_kept(env: dict[str, np.ndarray], m: int) -> None:
+            xs = traced.last = [env[k] for k in srcs]
+            env.update(zip(dsts, synchronize(xs), strict=True))
+
+        self.traced[bucketed_kept] = traced
+        return "collective", bucketed_kept
 
     def _bind_run(self, ins: Run, once_per_step: bool) -> Op:
         seg = ins.segment
@@ -322,6 +342,7 @@ class StageRunner:
                 t.compute += clock() - start
                 env.update(values)
 
+            self.traced[run_bound] = Traced(run=bound)
             return run_bound
 
         def run(env: dict[str, np.ndarray], m: int) -> None:
@@ -373,8 +394,38 @@ class StageRunner:
             else:
                 t.collective += clock() - start
 
+    def _calls(self, calls: list[tuple[str, Callable[[], object]]]) -> None:
+        t = self.timers
+        clock = time.perf_counter
+        for kind, call in calls:
+            start = clock()
+            call()
+            if kind == "compute":
+                t.compute += clock() - start
+            else:
+                t.collective += clock() - start
+
+    def _replayed(self, r: Replay, batch: dict[str, np.ndarray]) -> tuple[float | None, dict]:
+        """The step recorded by ``runtime.replay``: the data into its kept buffers, then
+        the recorded calls, as ``step`` would make them."""
+        for name, blocks, zero, kept in self._feed:
+            if not zero:
+                np.copyto(kept, batch[name][blocks[0]])
+        self._calls(r.forward)
+        start = time.perf_counter()
+        self.grad_sync(r.tensors)
+        self.timers.collective += time.perf_counter() - start
+        self._calls(r.update)
+        self.state.update(r.assign)
+        return (float(r.loss) / self.p.loss_divisor if r.loss is not None else None), r.env
+
     def step(self, batch: dict[str, np.ndarray], kind: str, stages: int):
         """One training step; returns (mean loss or None, final grads by key)."""
+        rec = self.recorder
+        if rec is not None and rec.replays is not None:
+            if self._feeds(batch) is self._replay_feed:
+                return self._replayed(rec.next(), batch)
+            rec.replays = None  # the data would need other buffers: step the plain way
         if self.programs["prologue"]:
             borrowed = dict(self.state)
             self.run("prologue", borrowed, 0)
@@ -434,15 +485,20 @@ class StageRunner:
         self.skipped = self.scaler is not None and not self.scaler.unscale(
             synced[: len(grads)], self.comm
         )
+        assigned = ()
         if not self.skipped:
             self.run("update", step_env, 0)
-            self.state.update(zip(self.assigned, self.assign_from(step_env), strict=True))
+            assigned = self.assign_from(step_env)
+            self.state.update(zip(self.assigned, assigned, strict=True))
         start = time.perf_counter()
         self.comm.wait_sends()
         self.timers.p2p += time.perf_counter() - start
         loss = float(synced[-1]) / p.loss_divisor if p.loss is not None else None
         if not self.placed:
             self._place()
+        elif rec is not None and rec.watching:
+            rec.observe(tensors, synced, assigned, step_env)
+            self._replay_feed = self._feed
         return loss, step_env
 
     def gather(self, x: np.ndarray, spec: ShardingSpec) -> np.ndarray:
