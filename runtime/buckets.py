@@ -152,7 +152,10 @@ def bind_bucket(
     call (see ``Synchronizer``); otherwise each call allocates them."""
     op = b.ops[0]
     p = len(op.group)
-    if p == 1 or (len(b.members) == 1 and not (reuse and op.kind == "all_gather")):
+    # under ``reuse`` a lone tensor is all-gathered or all-reduced through kept buffers too
+    # (e.g. the loss, when the gradients are reduce-scattered), so its result is kept
+    kept = reuse and op.kind in ("all_gather", "all_reduce")
+    if p == 1 or (len(b.members) == 1 and not kept):
         ops = b.ops
         return lambda xs: [run_collective(o, x, comm) for o, x in zip(ops, xs, strict=True)]
     total = b.spans[-1][1]

@@ -512,13 +512,14 @@ def test_partial_sums_summed_into_tied_gradients_wait_for_the_bucketed_sync(plan
 
 @pytest.mark.parametrize(
     "fixture, method, steps",
-    [("gpt2.ts", "zero2", 10), ("llama.dynamo", "auto-2", 5), ("wrn.dynamo_noopt", "zero3", 4)],
+    [("gpt2.ts", "zero2", 10), ("llama.dynamo", "auto-2", 10), ("wrn.dynamo_noopt", "zero3", 4)],
 )
 def test_loss_curves_sharded_and_single_rank_agree_over_10_steps(plans, fixture, method, steps):
     """Over several steps, so that what the executor keeps from step to step is exercised:
     the update's kept bindings and all-gather buffers (every plan), and with one
     micro-batch (auto-2, zero3) every session's kept bindings, all-gathers in kept buffers
-    and gradients written straight into their bucket."""
+    and gradients written straight into their bucket; auto-2's steps 7-10 are replayed
+    (``runtime.replay``)."""
     sharded = _run(plans(fixture, method), fixture, "--steps", str(steps))
     single = _run(plans(fixture, "single"), fixture, "--steps", str(steps))
     assert len(sharded["losses"]) == steps
