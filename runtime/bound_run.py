@@ -84,8 +84,7 @@ class BoundRun:
                 self.sets.append(kept)
             return first
         k = self.turn
-        self.session.run_with_iobinding(self.bindings[k])
-        self.turn = 1 - k
+        self.replay()
         return self.sets[k]
 
     def replay(self) -> None:
