@@ -121,7 +121,8 @@ class StageRunner:
     Each instruction is bound once, here, to a callable on (env, micro-batch) with its
     session, groups, keys and indices resolved, so a step is a flat walk over callables: the
     step loop pays Python dispatch per instruction, not per lookup. An env starts as a copy of
-    the state dict (a shallow copy of references), so every key is one dict lookup.
+    the state dict (a shallow copy of references), so every key is one dict lookup. Once every
+    buffer is kept, even that walk is replaced by recorded calls (``runtime.replay``).
     """
 
     def __init__(
